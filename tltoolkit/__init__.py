@@ -1,0 +1,27 @@
+"""tltoolkit: transfer learning for image classifiers, from a recipe to a trained, MLflow-tracked Keras model.
+
+Example:
+    >>> import tltoolkit
+    >>> "mobilenet_v2" in tltoolkit.list_backbones()
+    True
+"""
+
+from tltoolkit.backbones import BackboneCfg, create_backbone, get_backbone_cfg, list_backbones, register_backbone
+from tltoolkit.commands.run import RunResult, run
+from tltoolkit.errors import TltoolkitError
+from tltoolkit.recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneCfg",
+    "Recipe",
+    "RunResult",
+    "TltoolkitError",
+    "create_backbone",
+    "get_backbone_cfg",
+    "list_backbones",
+    "load_recipe",
+    "register_backbone",
+    "run",
+]

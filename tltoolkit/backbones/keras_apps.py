@@ -1,0 +1,100 @@
+"""keras.applications backbones. `imagenet` weights use Keras's own download and cache (`~/.keras/models`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tltoolkit.backbones.registry import NO_WEIGHTS, BackboneCfg, register_backbone
+from tltoolkit.errors import BackboneError
+
+
+def load_weights_file(model, path: str, backbone: str) -> None:
+    """Loads a Keras weights file (`.weights.h5`, legacy `.h5` or `.keras`) into `model`, with clear errors."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise BackboneError(
+            f"backbone.weights for {backbone} is {path!r}, which is neither a weight source "
+            f"(`imagenet`, `none`) nor an existing file; fix the path or pick a source."
+        )
+    try:
+        model.load_weights(str(file))
+    except (ValueError, OSError, KeyError) as exc:
+        raise BackboneError(
+            f"Weights file {file} does not fit backbone {backbone} ({exc}); "
+            "it must come from the same architecture and input size."
+        ) from exc
+
+
+def keras_application(app: str, **options: Any):
+    """A builder for `keras.applications.<app>` that resolves the recipe's weight source."""
+
+    def build(cfg: BackboneCfg, input_tensor, include_top: bool, weights: str):
+        import keras
+
+        constructor = getattr(keras.applications, app)
+        keras_weights = "imagenet" if weights == "imagenet" else None
+        if weights not in ("imagenet", NO_WEIGHTS) and weights in cfg.weight_sources:
+            raise BackboneError(f"{cfg.name} lists weight source {weights!r} but no loader handles it.")
+        shape = tuple(input_tensor.shape[1:])
+        try:
+            model = constructor(
+                include_top=include_top,
+                weights=keras_weights,
+                input_tensor=input_tensor,
+                input_shape=shape,
+                name=cfg.name,
+                **options,
+                **cfg.options,
+            )
+        except ValueError as exc:
+            raise BackboneError(f"Cannot build {cfg.name} ({app}) with input {shape}: {exc}") from exc
+        except Exception as exc:  # get_file raises a bare Exception when the download fails.
+            if keras_weights != "imagenet":
+                raise
+            from keras.src.backend.config import keras_home
+
+            raise BackboneError(
+                f"Could not get the ImageNet weights of {cfg.name} ({exc}). Keras downloads them once into "
+                f"{Path(keras_home()) / 'models'}; on a machine without network copy the file there, "
+                "or set backbone.weights to a local weights file, or to `none`."
+            ) from exc
+        if weights not in ("imagenet", NO_WEIGHTS):
+            load_weights_file(model, weights, cfg.name)
+        return model
+
+    return build
+
+
+def _register(name: str, app: str, size: int, width: int, preprocessing: str, family: str, **kwargs) -> None:
+    min_size = kwargs.pop("min_input_size", 32)
+    register_backbone(
+        BackboneCfg(
+            name=name,
+            builder=keras_application(app, **kwargs),
+            input_size=size,
+            feature_width=width,
+            preprocessing=preprocessing,
+            min_input_size=min_size,
+            family=family,
+        )
+    )
+
+
+# name, keras.applications constructor, input size, feature width, preprocessing ("none": built into the model).
+_register("mobilenet_v2", "MobileNetV2", 224, 1280, "tf", "MobileNetV2")
+_register("mobilenet_v2_035", "MobileNetV2", 224, 1280, "tf", "MobileNetV2", alpha=0.35)
+_register("mobilenet_v3_small", "MobileNetV3Small", 224, 576, "none", "MobileNetV3")
+_register("mobilenet_v3_large", "MobileNetV3Large", 224, 960, "none", "MobileNetV3")
+_register("efficientnet_b0", "EfficientNetB0", 224, 1280, "none", "EfficientNet")
+_register("efficientnet_b1", "EfficientNetB1", 240, 1280, "none", "EfficientNet")
+_register("efficientnet_b2", "EfficientNetB2", 260, 1408, "none", "EfficientNet")
+_register("efficientnet_b3", "EfficientNetB3", 300, 1536, "none", "EfficientNet")
+_register("efficientnet_v2_b0", "EfficientNetV2B0", 224, 1280, "none", "EfficientNetV2")
+_register("resnet50", "ResNet50", 224, 2048, "caffe", "ResNet")
+_register("resnet50_v2", "ResNet50V2", 224, 2048, "tf", "ResNetV2")
+_register("densenet121", "DenseNet121", 224, 1024, "torch", "DenseNet")
+_register("xception", "Xception", 299, 2048, "tf", "Xception", min_input_size=71)
+_register("inception_v3", "InceptionV3", 299, 2048, "tf", "InceptionV3", min_input_size=75)
+_register("convnext_tiny", "ConvNeXtTiny", 224, 768, "none", "ConvNeXt")
+_register("vgg16", "VGG16", 224, 512, "caffe", "VGG")

@@ -1,0 +1,125 @@
+"""The backbone registry: one `BackboneCfg` per backbone, one factory, `create_backbone`.
+
+Importing this module does not import Keras, so recipes validate backbone names in milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from tltoolkit.errors import BackboneError
+
+if TYPE_CHECKING:
+    import keras
+
+# Names of weight sources every backbone understands besides a file path.
+NO_WEIGHTS = "none"
+
+
+@dataclass(frozen=True)
+class BackboneCfg:
+    """What the toolkit knows about one backbone (after timm's `PretrainedCfg`).
+
+    Example:
+        >>> from tltoolkit.backbones import get_backbone_cfg
+        >>> cfg = get_backbone_cfg("mobilenet_v2")
+        >>> cfg.input_size, cfg.feature_width, cfg.preprocessing
+        (224, 1280, 'tf')
+    """
+
+    name: str  # Registry name, as written in recipes: `backbone.name`.
+    builder: Callable[..., "keras.Model"]  # (cfg, input_tensor, include_top, weights) -> Functional model.
+    input_size: int  # Side of the square images the pretrained weights were trained on.
+    feature_width: int  # Channels of the last feature map, the width a new head sits on.
+    preprocessing: str  # "tf" ([-1, 1]), "torch" (ImageNet mean/std), "caffe" (BGR, mean), or "none" (built in).
+    weight_sources: tuple[str, ...] = ("imagenet", NO_WEIGHTS)  # Named sources; a file path always works too.
+    min_input_size: int = 32  # Smallest side the architecture accepts.
+    family: str = ""  # Paper / keras.applications family, for listings.
+    options: dict[str, Any] = field(default_factory=dict)  # Extra keyword arguments for the builder.
+
+
+_REGISTRY: dict[str, BackboneCfg] = {}
+
+
+def register_backbone(cfg: BackboneCfg) -> BackboneCfg:
+    """Adds a backbone to the registry so recipes can name it.
+
+    Raises:
+        BackboneError: The name is taken.
+    """
+    if cfg.name in _REGISTRY:
+        raise BackboneError(f"A backbone named {cfg.name!r} is already registered; pick another name.")
+    _REGISTRY[cfg.name] = cfg
+    return cfg
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def check_backbone_name(name: str) -> str:
+    """Returns `name` if registered, else raises with the closest names and the full list."""
+    if name in _REGISTRY:
+        return name
+    close = difflib.get_close_matches(name, list_backbones(), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise BackboneError(
+        f"unknown backbone {name!r}; {hint}known backbones: {', '.join(list_backbones())} "
+        "(`tltoolkit backbones` describes them)"
+    )
+
+
+def get_backbone_cfg(name: str) -> BackboneCfg:
+    """The `BackboneCfg` registered under `name`.
+
+    Raises:
+        BackboneError: The name is not registered; the message lists the known names.
+    """
+    return _REGISTRY[check_backbone_name(name)]
+
+
+def create_backbone(
+    name: str,
+    weights: str | None = "imagenet",
+    include_top: bool = False,
+    input_size: int | None = None,
+) -> "keras.Model":
+    """Builds a registered backbone that takes raw RGB pixels (0-255) and preprocesses them inside.
+
+    Args:
+        name: A registered name, e.g. `"mobilenet_v2"`; `tltoolkit backbones` lists them.
+        weights: `"imagenet"` (Keras's own download and cache under `~/.keras/models`), `"none"` or `None` (random
+            initialisation), another source the backbone lists, or the path of a Keras weights file. Defaults to
+            `"imagenet"`.
+        include_top: Keep the original classifier. Defaults to `False` (the last feature map is the output).
+        input_size: Square image side. Defaults to the backbone's own input size.
+
+    Returns:
+        A functional `keras.Model` named `name`, input `(None, size, size, 3)` float RGB in 0-255.
+
+    Raises:
+        BackboneError: Unknown name or weight source, missing weights file, or weights that cannot be downloaded.
+
+    Example:
+        >>> import tltoolkit
+        >>> model = tltoolkit.create_backbone("test_tiny", weights="none", input_size=32)
+        >>> tuple(model.output.shape)
+        (None, 4, 4, 32)
+    """
+    cfg = get_backbone_cfg(name)
+    size = input_size or cfg.input_size
+    if size < cfg.min_input_size:
+        raise BackboneError(
+            f"{name} needs images of at least {cfg.min_input_size} px, got {size}; raise data.image_size."
+        )
+    source = NO_WEIGHTS if weights is None else str(weights)
+    import keras
+
+    from tltoolkit.backbones.preprocessing import ImagePreprocessing
+
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = ImagePreprocessing(cfg.preprocessing, name="preprocessing")(inputs) if cfg.preprocessing != "none" else inputs
+    return cfg.builder(cfg, input_tensor=x, include_top=include_top, weights=source)

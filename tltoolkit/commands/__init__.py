@@ -1,0 +1,1 @@
+"""Commands: one Python function per CLI subcommand, of the same name."""

@@ -1,0 +1,208 @@
+"""`tltoolkit run`: a recipe on an image folder, every stage an MLflow child run, the final model logged."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from tltoolkit.errors import RecipeError
+from tltoolkit.recipe import Recipe, dump_recipe, load_recipe
+from tltoolkit.tracking.store import connect, default_tracking_uri, resolve_tracking_uri
+
+
+@dataclass
+class RunResult:
+    """What `run` produced: where it is tracked, the model, and its scores."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_uri: str | None
+    class_names: list[str]
+    metrics: dict[str, float]  # Final model: val_accuracy, val_loss, ... and test_* where a test/ part exists.
+    stage_runs: dict[str, str] = field(default_factory=dict)  # Stage name -> child run id.
+    history: pd.DataFrame | None = None  # Every epoch of every stage (column `stage`).
+    model: object = None  # The trained keras.Model.
+
+
+def _recipe(recipe: Recipe | str | Path | dict, overrides: Iterable[str]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return load_recipe(recipe.to_dict(), overrides) if overrides else recipe
+    return load_recipe(recipe, overrides)
+
+
+def run(
+    recipe: Recipe | str | Path | dict,
+    data: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    verbose: int | None = None,
+) -> RunResult:
+    """Trains a classifier as the recipe says and tracks it in MLflow.
+
+    Order matters for users: the recipe, the tracking store, the backbone and every freeze point are checked before
+    any image is read, and nothing is logged until the data is known to be usable.
+
+    Args:
+        recipe: A recipe file, dict or `Recipe`.
+        data: The image folder (class subfolders, or train/ + val/ [+ test/]). Defaults to the recipe's `data.dir`.
+        overrides: `dotted.path=value` strings, applied before validation.
+        tracking_uri: MLflow store. Defaults to `MLFLOW_TRACKING_URI`, the recipe's, or `./mlruns/mlflow.db`.
+        experiment: MLflow experiment. Defaults to the recipe's `tracking.experiment`.
+        verbose: Keras fit verbosity (see `fit_stage`).
+
+    Returns:
+        A `RunResult` with the parent run id, final metrics and the trained model.
+    """
+    import keras
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tltoolkit.backbones import create_backbone
+    from tltoolkit.data import prepare_data
+    from tltoolkit.data.pipeline import image_dataset
+    from tltoolkit.model import build_classifier, check_points
+    from tltoolkit.stages import class_weights, fit_stage
+    from tltoolkit.tracking.callback import MlflowMetrics
+    from tltoolkit.tracking.models import log_classifier
+    from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
+
+    recipe = _recipe(recipe, overrides)
+    data_dir = data or recipe.data.dir
+    if not data_dir:
+        raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
+    uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
+    experiment_name = experiment or recipe.tracking.experiment
+    experiment_id = connect(uri, experiment_name)
+
+    keras.utils.set_random_seed(recipe.seed)
+    backbone = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
+    check_points(backbone, recipe.backbone.freeze, recipe.stages)
+
+    folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
+    _print_data_summary(folder)
+    train_items = folder.parts["train"]
+    weights = class_weights(recipe.head, [label for _, label in train_items], folder.class_names)
+    model = build_classifier(backbone, folder.class_names, recipe.head)
+    train_ds = image_dataset(train_items, folder.num_classes, recipe.data, training=True, seed=recipe.seed)
+    eval_ds = {
+        part: image_dataset(items, folder.num_classes, recipe.data, training=False)
+        for part, items in folder.parts.items()
+        if part != "train"
+    }
+
+    dataset = folder.root.resolve().name
+    recipe_name = recipe.name or "recipe"
+    common_tags = {
+        "tltoolkit.recipe": recipe_name,
+        "tltoolkit.backbone": recipe.backbone.name,
+        "tltoolkit.weights": recipe.backbone.weights,
+        "tltoolkit.dataset": dataset,
+        **recipe.tracking.tags,
+    }
+    run_name = recipe.tracking.run_name or f"{recipe_name}-{recipe.backbone.name}-{dataset}"
+    client = MlflowClient()
+    stage_runs: dict[str, str] = {}
+    histories: list[pd.DataFrame] = []
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags={**common_tags, "tltoolkit.kind": "run", "tltoolkit.data_dir": str(folder.root.resolve())},
+    ) as parent:
+        parent_id = parent.info.run_id
+        print(f"MLflow run {parent_id} ({run_name}) in experiment {experiment_name!r} at {uri}")
+        mlflow.log_params(recipe.flat())
+        mlflow.log_params({"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}})
+        mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
+        log_data_report(client, parent_id, folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
+            manifest = mlflow.data.from_pandas(folder.manifest(), source=str(folder.root.resolve()), name=dataset)
+        mlflow.log_input(manifest, context="training")
+        for index, stage in enumerate(recipe.stages):
+            with mlflow.start_run(
+                run_name=f"{stage.name}",
+                nested=True,
+                tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": stage.name,
+                      "tltoolkit.stage_index": str(index)},
+            ) as child:
+                child_id = child.info.run_id
+                stage_runs[stage.name] = child_id
+                mlflow.log_params({k.removeprefix(f"stages.{index}."): v for k, v in recipe.flat().items()
+                                   if k.startswith(f"stages.{index}.")})
+                started = time.perf_counter()
+                outcome = fit_stage(
+                    model, backbone, recipe, stage, train_ds, eval_ds["val"], weights,
+                    callbacks=[MlflowMetrics(child_id, client)], verbose=verbose,
+                )
+                mlflow.log_params({
+                    "frozen_layers": outcome.trainable.frozen_layers,
+                    "trainable_backbone_layers": outcome.trainable.trainable_layers,
+                    "trainable_params": outcome.trainable.trainable_params,
+                })
+                wall = time.perf_counter() - started
+                summary = {"wall_s": wall, "epochs_run": len(outcome.history)}
+                if outcome.best_epoch is not None:
+                    summary["best_epoch"] = outcome.best_epoch
+                mlflow.log_metrics(summary)
+                history = outcome.history.assign(stage=stage.name)
+                histories.append(history)
+                log_curves(client, child_id, history, f"{run_name} / {stage.name}", "curves.png")
+                stage_eval = _evaluate(model, eval_ds["val"], folder.parts["val"], folder.class_names)
+                log_evaluation(client, child_id, stage_eval, folder.class_names, "final_val")
+                mlflow.log_metric(f"{stage.name}_val_accuracy", stage_eval.metrics["accuracy"], run_id=parent_id)
+                print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {stage_eval.metrics['accuracy']:.4f}")
+
+        all_history = pd.concat(histories, ignore_index=True)
+        log_curves(client, parent_id, all_history, run_name, "curves.png")
+        client.log_text(parent_id, all_history.to_csv(index=False), "history.csv")
+        metrics: dict[str, float] = {}
+        for part, ds in eval_ds.items():
+            evaluation = _evaluate(model, ds, folder.parts[part], folder.class_names)
+            log_evaluation(client, parent_id, evaluation, folder.class_names, part)
+            metrics.update({f"{part}_{k}": v for k, v in evaluation.metrics.items()})
+        model_uri = None
+        if recipe.tracking.log_model:
+            print("Logging the model to MLflow...")
+            model_uri = log_classifier(model, folder.class_names, recipe.data.resize, dump_recipe(recipe))
+
+    _print_done(parent_id, experiment_name, uri, metrics)
+    return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)
+
+
+def _evaluate(model, ds, items, class_names):
+    import numpy as np
+
+    from tltoolkit.model.metrics import evaluate_probabilities
+
+    probabilities = model.predict(ds, verbose=0)
+    return evaluate_probabilities(np.array([label for _, label in items]), probabilities, class_names)
+
+
+def _print_data_summary(folder) -> None:
+    counts = folder.counts()
+    print(f"Data {folder.root}: {folder.num_classes} classes, " + ", ".join(f"{p} {int(counts[p].sum())}" for p in counts))
+    print(counts.to_string())
+    if folder.skipped:
+        print(f"Skipped {len(folder.skipped)} file(s) (also logged as data/skipped_files.csv):")
+        for item in folder.skipped[:20]:
+            print(f"  {item.path}: {item.reason}")
+        if len(folder.skipped) > 20:
+            print(f"  ... and {len(folder.skipped) - 20} more")
+
+
+def _print_done(run_id: str, experiment: str, uri: str, metrics: dict[str, float]) -> None:
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("accuracy", "loss")))
+    ui = "tltoolkit ui" if uri == default_tracking_uri() else f"tltoolkit ui --tracking-uri {uri}"
+    print(
+        f"\nDone. {scores}\n"
+        f"Run {run_id} in experiment {experiment!r}, store {uri}\n"
+        f"See it in the MLflow UI: {ui}   (then open http://127.0.0.1:5000)\n"
+        f"Predict with it: tltoolkit predict {run_id} <images or folders>"
+    )

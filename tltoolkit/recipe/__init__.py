@@ -1,0 +1,33 @@
+"""Recipes: YAML in, a validated, frozen `Recipe` out."""
+
+from tltoolkit.recipe.loader import dump_recipe, load_recipe, parse_override
+from tltoolkit.recipe.schema import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfig,
+    EarlyStoppingConfig,
+    HeadConfig,
+    OptimizerConfig,
+    Recipe,
+    ScheduleConfig,
+    StageConfig,
+    TrackingConfig,
+    flatten,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "BackboneConfig",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "HeadConfig",
+    "OptimizerConfig",
+    "Recipe",
+    "ScheduleConfig",
+    "StageConfig",
+    "TrackingConfig",
+    "dump_recipe",
+    "flatten",
+    "load_recipe",
+    "parse_override",
+]

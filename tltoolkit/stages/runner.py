@@ -1,0 +1,112 @@
+"""Running one training stage: set what trains, recompile with a fresh optimizer, fit, restore the best epoch."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import pandas as pd
+from sklearn.utils.class_weight import compute_class_weight
+
+from tltoolkit.errors import DataError
+from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
+from tltoolkit.model.metrics import TOP_K
+from tltoolkit.recipe import HeadConfig, Recipe, StageConfig
+from tltoolkit.stages.optimizers import build_optimizer
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    history: pd.DataFrame  # One row per epoch run: epoch, loss, accuracy, val_loss, val_accuracy, learning_rate...
+    trainable: TrainableSummary
+    best_epoch: int | None  # 0-based epoch whose weights were restored (early stopping), else None.
+    stopped_early: bool
+
+
+def class_weights(head: HeadConfig, labels: list[int], class_names: list[str]) -> dict[int, float] | None:
+    """`head.class_weight` as Keras's `{label: weight}`: `auto` is scikit-learn's `balanced`."""
+    if head.class_weight == "none":
+        return None
+    if head.class_weight == "auto":
+        classes = np.arange(len(class_names))
+        weights = compute_class_weight("balanced", classes=classes, y=np.asarray(labels))
+        return {int(c): float(w) for c, w in zip(classes, weights)}
+    unknown = sorted(set(head.class_weight) - set(class_names))
+    if unknown:
+        raise DataError(f"head.class_weight names classes {unknown} that the data lacks; its classes are {class_names}.")
+    return {index: float(head.class_weight.get(name, 1.0)) for index, name in enumerate(class_names)}
+
+
+def compile_for_stage(model: keras.Model, recipe: Recipe, stage: StageConfig, steps_per_epoch: int) -> None:
+    """Compiles `model` with the stage's new optimizer and schedule (Keras needs a recompile after `trainable` changes)."""
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if model.output_shape[-1] > TOP_K:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=TOP_K, name=f"top{TOP_K}_accuracy"))
+    model.compile(
+        optimizer=build_optimizer(stage.optimizer, stage.schedule, steps_per_epoch, stage.epochs),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.head.label_smoothing),
+        metrics=metrics,
+    )
+
+
+def fit_stage(
+    model: keras.Model,
+    backbone: keras.Model,
+    recipe: Recipe,
+    stage: StageConfig,
+    train_ds,
+    val_ds,
+    class_weight: dict[int, float] | None = None,
+    callbacks: list[keras.callbacks.Callback] = (),
+    verbose: int | None = None,
+) -> StageOutcome:
+    """Trains one stage.
+
+    Args:
+        model: The classifier from `build_classifier`.
+        backbone: Its backbone (its layers are frozen or unfrozen per `stage.unfreeze` and `recipe.backbone.freeze`).
+        recipe: For the freeze policy and the loss.
+        stage: What trains, optimizer, schedule, epochs, early stopping.
+        train_ds: Training batches (`image_dataset(..., training=True)`).
+        val_ds: Validation batches.
+        class_weight: From `class_weights`.
+        callbacks: More callbacks, e.g. `MlflowMetrics`.
+        verbose: Keras verbosity. Defaults to a progress bar on a terminal, one line per epoch otherwise.
+    """
+    frozen = unfrozen_prefix(backbone, stage.unfreeze, recipe.backbone.freeze)
+    summary = set_trainable(model, backbone, frozen, stage.train_bn)
+    steps = int(train_ds.cardinality())
+    compile_for_stage(model, recipe, stage, max(1, steps))
+    stage_callbacks = list(callbacks)
+    stopper = None
+    if stage.early_stopping is not None:
+        es = stage.early_stopping
+        stopper = keras.callbacks.EarlyStopping(
+            monitor=es.monitor,
+            patience=es.patience,
+            min_delta=es.min_delta,
+            restore_best_weights=es.restore_best_weights,
+            verbose=1,
+        )
+        stage_callbacks.append(stopper)
+    print(
+        f"Stage {stage.name!r}: {stage.epochs} epoch(s), {summary.trainable_layers} backbone layer(s) training "
+        f"(first {summary.frozen_layers} of {len(backbone.layers)} frozen), "
+        f"{summary.trainable_params:,} trainable parameters, {stage.optimizer.name} lr={stage.optimizer.learning_rate:g}."
+    )
+    fit = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=stage.epochs,
+        class_weight=class_weight,
+        callbacks=stage_callbacks,
+        shuffle=False,  # The training dataset reshuffles itself every epoch.
+        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
+    )
+    history = pd.DataFrame(fit.history)
+    history.insert(0, "epoch", fit.epoch)
+    best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
+    return StageOutcome(stage.name, history, summary, best, bool(stopper and stopper.stopped_epoch))

@@ -1,0 +1,162 @@
+"""The trained classifier as an MLflow model, and loading a classifier back from a path, run id or model URI."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from tltoolkit.errors import ModelLoadError
+
+MODEL_NAME = "model"
+_KERAS_FILE = "classifier.keras"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class KerasClassifierModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: a float32 batch of raw RGB images `(N, H, W, 3)` in [0, 255] -> probabilities `(N, classes)`."""
+
+    def load_context(self, context):
+        # Importing the package registers its custom layers for Keras's safe-mode loading.
+        import keras
+
+        import tltoolkit.backbones.preprocessing  # noqa: F401
+        import tltoolkit.model.layers  # noqa: F401
+
+        self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True, compile=False)
+
+    def predict(self, context, model_input, params=None):
+        return np.asarray(self.model.predict(np.asarray(model_input, dtype=np.float32), verbose=0), dtype=np.float32)
+
+
+@dataclass
+class LoadedClassifier:
+    """A classifier ready to predict, with what it needs to read images as it was trained."""
+
+    model: "keras.Model"  # noqa: F821
+    class_names: list[str]
+    image_size: int
+    resize: str
+    source: str  # What the user pointed at.
+    run_id: str | None = None  # The MLflow run that produced it, when known.
+
+
+def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str) -> str:
+    """Logs `model` to the active run as an MLflow pyfunc model named `model`; returns its model URI."""
+    import keras
+    import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import tltoolkit
+
+    size = int(model.input_shape[1])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, size, size, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)))]),
+    )
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The signature is explicit; an input example would store a full image as JSON.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        keras_path = Path(tmp) / _KERAS_FILE
+        model.save(keras_path)
+        recipe_path = Path(tmp) / "recipe.yaml"
+        recipe_path.write_text(recipe_yaml)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"keras_model": str(keras_path), "recipe": str(recipe_path)},
+            code_paths=[str(Path(tltoolkit.__file__).parent)],
+            signature=signature,
+            pip_requirements=[
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"mlflow=={mlflow.__version__}",
+                "pillow",
+                "pyyaml",
+                "pydantic",
+            ],
+            metadata={"class_names": class_names, "image_size": size, "resize": resize},
+        )
+    return info.model_uri
+
+
+def _local_model_dir(ref: str) -> tuple[Path, str | None]:
+    """Downloads (if needed) the MLflow model that `ref` names; returns its folder and run id."""
+    run_id = None
+    if _RUN_ID.match(ref):
+        run_id, ref = ref, f"runs:/{ref}/{MODEL_NAME}"
+    elif ref.startswith("runs:/"):
+        run_id = ref.split("/")[1]
+    try:
+        return Path(mlflow.artifacts.download_artifacts(ref)), run_id
+    except Exception as exc:  # MLflow raises several types for "not found".
+        raise ModelLoadError(
+            f"Cannot load model {ref!r} from the MLflow store {mlflow.get_tracking_uri()} ({str(exc).splitlines()[0][:200]}). "
+            "Pass a run id of `tltoolkit run`, a runs:/ or models:/ URI, an MLflow model folder or a .keras file, and "
+            "check --tracking-uri."
+        ) from exc
+
+
+def load_classifier(ref: str | Path) -> LoadedClassifier:
+    """Loads a tltoolkit classifier (Keras safe mode on: a model with a Lambda layer is refused).
+
+    Args:
+        ref: A `.keras` file, an MLflow model folder, a run id of `tltoolkit run`, or a `runs:/` / `models:/` URI.
+
+    Raises:
+        ModelLoadError: Nothing loadable at `ref`, or the model is not a tltoolkit classifier, or it is unsafe.
+    """
+    import keras
+
+    import tltoolkit.backbones.preprocessing  # noqa: F401  (registers custom layers)
+    from tltoolkit.model.layers import class_names_of
+
+    text = str(ref)
+    path = Path(text).expanduser()
+    run_id, resize, meta = None, "squash", {}
+    if path.is_file():
+        keras_file = path
+    elif path.is_dir() or "://" in text or _RUN_ID.match(text):
+        folder, run_id = (path, None) if path.is_dir() else _local_model_dir(text)
+        keras_file = next(iter(sorted(folder.rglob("*.keras"))), None)
+        if keras_file is None or not (folder / "MLmodel").is_file():
+            raise ModelLoadError(f"{text} is not a tltoolkit MLflow model folder (no MLmodel and .keras file in it).")
+        meta = _mlmodel_metadata(folder / "MLmodel")
+        resize = meta.get("resize", resize)
+    else:
+        raise ModelLoadError(
+            f"Model {text!r} is neither a file, a folder, a run id nor an MLflow URI; "
+            "pass a .keras file, an MLflow model folder or the run id that `tltoolkit run` printed."
+        )
+    try:
+        model = keras.saving.load_model(keras_file, safe_mode=True, compile=False)
+    except ValueError as exc:
+        unsafe = "safe_mode" in str(exc) or "Lambda" in str(exc)
+        why = (
+            "it contains a Lambda layer (arbitrary code), which tltoolkit never loads; rebuild it without Lambda layers"
+            if unsafe
+            else str(exc).splitlines()[0][:300]
+        )
+        raise ModelLoadError(f"Cannot load {keras_file}: {why}.") from exc
+    try:
+        class_names = class_names_of(model)
+    except ValueError as exc:
+        raise ModelLoadError(f"{keras_file} is not a tltoolkit classifier: {exc}") from exc
+    return LoadedClassifier(model, class_names, int(model.input_shape[1]), resize, text, run_id)
+
+
+def _mlmodel_metadata(mlmodel: Path) -> dict:
+    import yaml
+
+    return (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+
+
+def class_names_json(class_names: list[str]) -> str:
+    return json.dumps(class_names, indent=2, ensure_ascii=False)

@@ -1,0 +1,49 @@
+"""Artifacts people read: data reports, evaluations (metrics, confusion matrix, per-class report), curves."""
+
+from __future__ import annotations
+
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from tltoolkit.data import ImageFolder
+from tltoolkit.model.metrics import Evaluation
+from tltoolkit.tracking.plots import confusion_figure, curves_figure
+
+
+def log_data_report(client: MlflowClient, run_id: str, folder: ImageFolder) -> None:
+    """The dataset's class names, per-class counts, every file used and every file skipped (with the reason)."""
+    client.log_dict(run_id, folder.class_names, "data/class_names.json")
+    client.log_text(run_id, folder.counts().to_csv(), "data/counts.csv")
+    client.log_text(run_id, folder.manifest().to_csv(index=False), "data/manifest.csv")
+    client.log_text(run_id, folder.skipped_frame().to_csv(index=False), "data/skipped_files.csv")
+
+
+def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, class_names: list[str], part: str) -> None:
+    """Metrics named `<part>_<metric>` (e.g. `val_accuracy`), the confusion matrix PNG and the per-class report."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{part}_{key}", value, now, 0) for key, value in evaluation.metrics.items()]
+    client.log_batch(run_id, metrics=metrics)
+    accuracy = evaluation.metrics["accuracy"]
+    figure = confusion_figure(evaluation.confusion, class_names, f"{part}: accuracy {accuracy:.3f}")
+    client.log_figure(run_id, figure, f"evaluation/{part}_confusion_matrix.png")
+    plt.close(figure)
+    client.log_text(run_id, evaluation.report.to_csv(index=False), f"evaluation/{part}_classification_report.csv")
+    client.log_text(run_id, report_text(evaluation, class_names), f"evaluation/{part}_classification_report.txt")
+
+
+def report_text(evaluation: Evaluation, class_names: list[str]) -> str:
+    """The per-class report and the confusion matrix as plain text, as printed to the console."""
+    matrix = pd.DataFrame(evaluation.confusion, index=class_names, columns=class_names)
+    matrix.index.name = "true \\ predicted"
+    report = evaluation.report.set_index("class").round(3)
+    return f"{report.to_string()}\n\nConfusion matrix:\n{matrix.to_string()}\n"
+
+
+def log_curves(client: MlflowClient, run_id: str, history: pd.DataFrame, title: str, name: str) -> None:
+    figure = curves_figure(history, title)
+    client.log_figure(run_id, figure, name)
+    plt.close(figure)

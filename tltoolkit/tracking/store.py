@@ -1,0 +1,73 @@
+"""Which MLflow store to use, and making sure it answers before any work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tltoolkit.errors import TrackingError
+
+# A SQLite store inside ./mlruns: works in a fresh clone with no server and no environment variable.
+DEFAULT_STORE = Path("mlruns") / "mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """`sqlite:///<cwd>/mlruns/mlflow.db`, the store used when nothing else is named."""
+    return f"sqlite:///{DEFAULT_STORE.resolve()}"
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, recipe_uri: str | None = None) -> str:
+    """The tracking URI: `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the recipe's, else `./mlruns/mlflow.db`.
+
+    Relative SQLite paths are made absolute, so the store does not move with the working directory later.
+    """
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or recipe_uri
+    if not uri:
+        return default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: next to a SQLite file (`mlruns/artifacts`); the server decides otherwise."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def connect(uri: str, experiment: str) -> str:
+    """Points MLflow at `uri`, checks that it answers, and returns the id of `experiment` (created if needed).
+
+    Raises:
+        TrackingError: The store is unreachable or not writable. Raised before any data is read.
+    """
+    import mlflow
+
+    scheme = urlparse(uri).scheme
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"Cannot create the MLflow store folder {folder}: {exc.strerror}.") from None
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(
+                f"The MLflow store folder {folder} is not writable; fix its permissions or pass --tracking-uri."
+            )
+    if scheme in ("http", "https"):
+        # Fail in seconds, not after MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        return mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+    except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy) for one cause.
+        raise TrackingError(
+            f"The MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
+            "Check that the server is running and reachable, or pass another --tracking-uri."
+        ) from exc
