@@ -1,6 +1,6 @@
 """Backbones: a registry of pretrained feature extractors that take raw RGB pixels."""
 
-from tltoolkit.backbones import keras_apps, tiny  # noqa: F401  (registers the built-in backbones)
+from tltoolkit.backbones import convnet, keras_apps  # noqa: F401  (registers the built-in backbones)
 from tltoolkit.backbones.registry import (
     BackboneCfg,
     create_backbone,

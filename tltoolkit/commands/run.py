@@ -60,6 +60,11 @@ def run(
     Returns:
         A `RunResult` with the parent run id, final metrics and the trained model.
     """
+    recipe = _recipe(recipe, overrides)
+    data_dir = data or recipe.data.dir
+    if not data_dir:
+        raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
+    # Heavy imports only once the recipe is known to be valid, so its errors come back at once.
     import keras
     import mlflow
     from mlflow import MlflowClient
@@ -73,10 +78,6 @@ def run(
     from tltoolkit.tracking.models import log_classifier
     from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
 
-    recipe = _recipe(recipe, overrides)
-    data_dir = data or recipe.data.dir
-    if not data_dir:
-        raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
     uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
     experiment_name = experiment or recipe.tracking.experiment
     experiment_id = connect(uri, experiment_name)
@@ -124,7 +125,7 @@ def run(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
             manifest = mlflow.data.from_pandas(folder.manifest(), source=str(folder.root.resolve()), name=dataset)
-        mlflow.log_input(manifest, context="training")
+            mlflow.log_input(manifest, context="training")
         for index, stage in enumerate(recipe.stages):
             with mlflow.start_run(
                 run_name=f"{stage.name}",

@@ -19,6 +19,10 @@ _KERAS_FILE = "classifier.keras"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+# MLflow nags about type hints on `predict`; the signature is given explicitly when logging instead.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+
 class KerasClassifierModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: a float32 batch of raw RGB images `(N, H, W, 3)` in [0, 255] -> probabilities `(N, classes)`."""
 

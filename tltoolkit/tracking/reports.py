@@ -9,7 +9,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from tltoolkit.data import ImageFolder
+from tltoolkit.data import ImageFolder, SkippedFile, skipped_frame
 from tltoolkit.model.metrics import Evaluation
 from tltoolkit.tracking.plots import confusion_figure, curves_figure
 
@@ -19,7 +19,12 @@ def log_data_report(client: MlflowClient, run_id: str, folder: ImageFolder) -> N
     client.log_dict(run_id, folder.class_names, "data/class_names.json")
     client.log_text(run_id, folder.counts().to_csv(), "data/counts.csv")
     client.log_text(run_id, folder.manifest().to_csv(index=False), "data/manifest.csv")
-    client.log_text(run_id, folder.skipped_frame().to_csv(index=False), "data/skipped_files.csv")
+    log_skipped_files(client, run_id, folder.skipped)
+
+
+def log_skipped_files(client: MlflowClient, run_id: str, skipped: list[SkippedFile]) -> None:
+    """`data/skipped_files.csv`: every file not used and why (logged even when empty, as proof of a clean scan)."""
+    client.log_text(run_id, skipped_frame(skipped).to_csv(index=False), "data/skipped_files.csv")
 
 
 def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, class_names: list[str], part: str) -> None:

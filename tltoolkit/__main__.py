@@ -1,0 +1,5 @@
+import sys
+
+from tltoolkit.cli import main
+
+sys.exit(main())

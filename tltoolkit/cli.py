@@ -1,0 +1,148 @@
+"""The `tltoolkit` command line: thin subcommands over the Python functions of the same names."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tltoolkit.errors import TltoolkitError
+
+_REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _find_recipe(name: str) -> str:
+    """A recipe path as given, else the same name in the repository's recipes/ folder."""
+    if Path(name).exists() or not (_REPO_RECIPES / name).exists():
+        return name
+    return str(_REPO_RECIPES / name)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/mobilenet_v2.yaml")
+    parser.add_argument("--data", help="image folder: class subfolders, or train/ + val/ [+ test/] subfolders")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+        help="override a recipe field before validation, e.g. --set stages.0.epochs=5 (repeatable)",
+    )
+    _add_tracking_flag(parser)
+    parser.add_argument("--experiment", help="MLflow experiment (default: the recipe's tracking.experiment)")
+
+
+def _add_tracking_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else the recipe's, else sqlite:///mlruns/mlflow.db)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tltoolkit",
+        description="Transfer learning for image classifiers: a recipe and an image folder in, "
+        "a trained model tracked in MLflow out.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train a classifier as a recipe says (head stage, then fine-tune)")
+    _add_run_flags(run)
+
+    demo = sub.add_parser("demo", help="write the built-in digits dataset and run recipes/quickstart.yaml on it")
+    demo.add_argument("--out", default="data/digits", help="where the demo images go (default: data/digits)")
+    demo.add_argument("--recipe", default="recipes/quickstart.yaml")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    _add_tracking_flag(demo)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on a labelled folder; logged to MLflow")
+    evaluate.add_argument("model", help="run id, runs:/ or models:/ URI, MLflow model folder, or .keras file")
+    evaluate.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
+    evaluate.add_argument("--experiment")
+    evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    _add_tracking_flag(evaluate)
+
+    predict = sub.add_parser("predict", help="predict classes of images; CSV of path, top-k classes, probabilities")
+    predict.add_argument("model", help="run id, runs:/ or models:/ URI, MLflow model folder, or .keras file")
+    predict.add_argument("paths", nargs="+", help="image files or folders")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
+    _add_tracking_flag(predict)
+
+    compare = sub.add_parser("compare", help="table of an experiment's runs, stage metrics side by side")
+    compare.add_argument("--experiment", default="tltoolkit")
+    compare.add_argument("--csv", help="also write the table to this CSV file")
+    _add_tracking_flag(compare)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on this store (bound to 127.0.0.1)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
+    _add_tracking_flag(ui)
+
+    listing = sub.add_parser("backbones", help="list backbones, or the layers of one (to choose freeze points)")
+    listing.add_argument("--layers", metavar="NAME", help="print the layers of this backbone, in freeze order")
+    listing.add_argument("--image-size", type=int, help="input size for --layers (default: the backbone's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tltoolkit` console script and `python -m tltoolkit`."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return _dispatch(args)
+    except TltoolkitError as exc:
+        print(f"tltoolkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 40)
+    if args.command == "run":
+        from tltoolkit.commands.run import run
+
+        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment)
+    elif args.command == "demo":
+        from tltoolkit.commands.run import run
+        from tltoolkit.data.demo import write_digits
+
+        data = write_digits(args.out)
+        run(_find_recipe(args.recipe), data, args.overrides, args.tracking_uri)
+    elif args.command == "evaluate":
+        from tltoolkit.commands.evaluate import evaluate
+
+        evaluate(args.model, args.data, args.tracking_uri, args.experiment, log=not args.no_log)
+    elif args.command == "predict":
+        from tltoolkit.commands.predict import predict
+
+        table = predict(args.model, args.paths, args.top_k, args.output, args.tracking_uri)
+        if not args.output:
+            table.to_csv(sys.stdout, index=False, float_format="%.6f")
+    elif args.command == "compare":
+        from tltoolkit.commands.compare import compare
+
+        table = compare(args.experiment, args.tracking_uri)
+        if table.empty:
+            print(f"No `tltoolkit run` runs in experiment {args.experiment!r} yet.")
+        else:
+            shown = table.assign(run_id=table["run_id"].str[:8])
+            print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+    elif args.command == "ui":
+        from tltoolkit.commands.ui import ui
+
+        return ui(args.tracking_uri, args.host, args.port, args.allowed_hosts)
+    elif args.command == "backbones":
+        from tltoolkit.commands.backbones import backbone_layers, backbones
+
+        table = backbone_layers(args.layers, args.image_size) if args.layers else backbones()
+        print(table.to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

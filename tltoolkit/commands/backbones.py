@@ -1,0 +1,55 @@
+"""`tltoolkit backbones`: what each registered backbone is, and the layers of one (to pick freeze points)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tltoolkit.backbones import create_backbone, get_backbone_cfg, list_backbones
+
+
+def backbones(names: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """One row per backbone: name, family, input size, feature width, parameters, layers, preprocessing, weights.
+
+    Parameter and layer counts come from building each backbone without weights (a few seconds each).
+    """
+    import keras
+
+    names = names or list_backbones()
+    bar = keras.utils.Progbar(len(names), unit_name="backbone") if progress and len(names) > 1 else None
+    rows = []
+    for done, name in enumerate(names, start=1):
+        cfg = get_backbone_cfg(name)
+        model = create_backbone(name, weights="none", input_size=cfg.input_size)
+        rows.append(
+            {
+                "name": name,
+                "family": cfg.family,
+                "input_size": cfg.input_size,
+                "feature_width": cfg.feature_width,
+                "params": model.count_params(),
+                "layers": len(model.layers),
+                "preprocessing": cfg.preprocessing,
+                "weights": ", ".join(cfg.weight_sources) + ", <path>",
+            }
+        )
+        keras.backend.clear_session()
+        if bar is not None:
+            bar.update(done)
+    return pd.DataFrame(rows)
+
+
+def backbone_layers(name: str, input_size: int | None = None) -> pd.DataFrame:
+    """The layers of one backbone in freeze order: index, name, type, parameters, output shape."""
+    model = create_backbone(name, weights="none", input_size=input_size)
+    return pd.DataFrame(
+        [
+            {
+                "index": index,
+                "name": layer.name,
+                "type": type(layer).__name__,
+                "params": layer.count_params() if layer.built else 0,
+                "output_shape": str(getattr(layer, "output", None).shape if hasattr(layer, "output") else ""),
+            }
+            for index, layer in enumerate(model.layers)
+        ]
+    ).set_index("index")

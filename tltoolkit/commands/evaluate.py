@@ -1,0 +1,66 @@
+"""`tltoolkit evaluate`: score a trained classifier on a labelled folder, and log the evaluation to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tltoolkit.model.metrics import Evaluation
+from tltoolkit.tracking.store import connect, resolve_tracking_uri
+
+
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    batch_size: int = 32,
+    log: bool = True,
+) -> Evaluation:
+    """Scores `model` on a class-per-subfolder folder (its `test/`, else `val/`, where it has train/ + val/).
+
+    Args:
+        model: A run id, `runs:/` or `models:/` URI, MLflow model folder or `.keras` file.
+        data: The labelled images; class folders must be classes of the model.
+        tracking_uri: MLflow store (to resolve run ids and to log). Defaults as for `run`.
+        experiment: Where to log. Defaults to the source run's experiment, or `tltoolkit`.
+        batch_size: Images per prediction batch. Defaults to 32.
+        log: Log an MLflow run tagged `tltoolkit.kind=evaluate`. Defaults to `True`.
+
+    Returns:
+        The `Evaluation` (metrics, confusion matrix, per-class report).
+    """
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from tltoolkit.data import labelled_images
+    from tltoolkit.data.pipeline import image_batches
+    from tltoolkit.model.metrics import evaluate_probabilities
+    from tltoolkit.recipe import DataConfig
+    from tltoolkit.tracking.models import load_classifier
+    from tltoolkit.tracking.reports import log_evaluation, log_skipped_files, report_text
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    loaded = load_classifier(model)
+    items, skipped = labelled_images(data, loaded.class_names)
+    for item in skipped:
+        print(f"Skipped {item.path}: {item.reason}")
+    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, batch_size=batch_size, cache=False)
+    probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
+    evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
+    print(f"Evaluated {len(items)} images of {data} with {model}:")
+    print("  " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
+    print(report_text(evaluation, loaded.class_names))
+    if log:
+        client = MlflowClient()
+        source_experiment = client.get_run(loaded.run_id).info.experiment_id if loaded.run_id else None
+        experiment_id = source_experiment if source_experiment and not experiment else connect(uri, experiment or "tltoolkit")
+        tags = {"tltoolkit.kind": "evaluate", "tltoolkit.model": str(model), "tltoolkit.dataset": Path(data).resolve().name}
+        if loaded.run_id:
+            tags["tltoolkit.source_run"] = loaded.run_id
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{Path(data).resolve().name}", tags=tags) as run:
+            log_evaluation(client, run.info.run_id, evaluation, loaded.class_names, "eval")
+            log_skipped_files(client, run.info.run_id, skipped)
+            print(f"Logged as MLflow run {run.info.run_id}.")
+    return evaluation
