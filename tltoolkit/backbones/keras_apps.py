@@ -43,7 +43,6 @@ def keras_application(app: str, **options: Any):
                 weights=keras_weights,
                 input_tensor=input_tensor,
                 input_shape=shape,
-                name=cfg.name,
                 **options,
                 **cfg.options,
             )
@@ -59,6 +58,8 @@ def keras_application(app: str, **options: Any):
                 f"{Path(keras_home()) / 'models'}; on a machine without network copy the file there, "
                 "or set backbone.weights to a local weights file, or to `none`."
             ) from exc
+        # Not through the constructor: EfficientNetV2 reads its `name` argument as the variant to build.
+        model.name = cfg.name
         if weights not in ("imagenet", NO_WEIGHTS):
             load_weights_file(model, weights, cfg.name)
         return model

@@ -2,10 +2,11 @@
 
 from tltoolkit.model.build import backbone_of, build_classifier
 from tltoolkit.model.freeze import TrainableSummary, check_points, frozen_prefix, set_trainable, unfrozen_prefix
-from tltoolkit.model.layers import Classifier, class_names_of
+from tltoolkit.model.layers import Classifier, InferenceMode, class_names_of
 
 __all__ = [
     "Classifier",
+    "InferenceMode",
     "TrainableSummary",
     "backbone_of",
     "build_classifier",

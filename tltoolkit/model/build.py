@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import keras
 
-from tltoolkit.model.layers import Classifier
+from tltoolkit.model.layers import Classifier, InferenceMode
 from tltoolkit.recipe import HeadConfig
 
 
 def build_classifier(backbone: keras.Model, class_names: list[str], head: HeadConfig) -> keras.Model:
     """Puts a new head on `backbone`.
 
-    The backbone is called with `training=False`, so BatchNormalization keeps using its moving statistics (and never
-    updates them) in every stage, and Dropout inside the backbone stays off, as in the Keras transfer-learning guide.
+    The backbone always runs with `training=False` (through `InferenceMode`, see why there), so BatchNormalization
+    keeps using its moving statistics and never updates them in any stage, and Dropout inside the backbone stays off.
 
     Args:
         backbone: From `create_backbone`; takes raw RGB pixels.
@@ -24,7 +24,7 @@ def build_classifier(backbone: keras.Model, class_names: list[str], head: HeadCo
     """
     regularizer = keras.regularizers.L1L2(l1=head.l1, l2=head.l2) if (head.l1 or head.l2) else None
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
-    x = backbone(inputs, training=False)
+    x = InferenceMode(backbone, name="backbone")(inputs)
     pool = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name="pool")(x)
     for index, width in enumerate(head.dense):
@@ -39,4 +39,4 @@ def build_classifier(backbone: keras.Model, class_names: list[str], head: HeadCo
 
 def backbone_of(model: keras.Model) -> keras.Model:
     """The backbone inside a classifier built by `build_classifier`."""
-    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    return model.get_layer("backbone").layer

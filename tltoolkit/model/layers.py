@@ -33,6 +33,24 @@ class Classifier(keras.layers.Dense):
         return {**config, "class_names": self.class_names}
 
 
+@keras.saving.register_keras_serializable(package="tltoolkit")
+class InferenceMode(keras.layers.Wrapper):
+    """Runs the wrapped backbone with `training=False`, whatever the outer model is called with.
+
+    Keras 3 functional models inject the outer call's `training` flag into every nested layer that accepts one,
+    overriding a `backbone(x, training=False)` recorded at build time; so `fit` would switch BatchNormalization to
+    batch statistics and update its moving averages as soon as those layers are trainable. This layer's `call` takes
+    no `training` argument, so nothing is injected, and it always calls the backbone in inference mode: moving
+    statistics never change, and BN gamma/beta may still train (`train_bn`).
+    """
+
+    def call(self, inputs):
+        return self.layer(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+
 def class_names_of(model: keras.Model) -> list[str]:
     """The class names a tltoolkit classifier carries in its `Classifier` output layer."""
     for layer in reversed(model.layers):

@@ -1,0 +1,135 @@
+from pathlib import Path
+
+import pytest
+
+from tltoolkit.errors import RecipeError
+from tltoolkit.recipe import Recipe, dump_recipe, load_recipe
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_make_a_complete_recipe():
+    recipe = Recipe()
+    assert [s.name for s in recipe.stages] == ["head", "finetune"]
+    assert recipe.stages[1].optimizer.learning_rate == 1e-5
+    assert recipe.flat()["stages.0.epochs"] == 5
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_and_commented(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert path.read_text().count("#") >= 5, "shipped recipes teach their fields in comments"
+
+
+def test_required_recipes_ship():
+    assert {"quickstart", "mobilenet_v2", "efficientnet_b0", "resnet50"} <= {p.stem for p in RECIPES}
+
+
+def test_unknown_key_names_field_line_and_suggestion(tmp_path):
+    path = write(tmp_path, "data:\n  batch_size: 8\n  imge_size: 64\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "data.imge_size" in message and "line 3" in message and "did you mean `image_size`" in message
+    assert str(path) in message
+
+
+def test_wrong_type_and_range_name_value(tmp_path):
+    path = write(tmp_path, "stages:\n  - name: head\n    epochs: zero\n  - name: ft\n    epochs: -2\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "`stages.0.epochs` = 'zero' (line 3)" in message
+    assert "`stages.1.epochs` = -2 (line 5)" in message and "greater than or equal to 1" in message
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("backbone:\n  name: resnet_50\n", "did you mean 'resnet50'"),
+        ("backbone:\n  freeze: -3\n", "freeze as a layer count must be >= 0"),
+        ("backbone:\n  freeze: 1.5\n", "fraction"),
+        ("stages:\n  - name: a\n  - name: a\n", "stage names must be unique"),
+        ("stages: []\n", "at least 1 item"),
+        ("stages:\n  - optimizer: {name: adamw}\n", "adamw needs weight_decay"),
+        ("head:\n  pooling: mean\n", "'avg' or 'max'"),
+        ("search: {tuner: random}\n", "`search` section is not supported"),
+        ("- just\n- a list\n", "must be a mapping"),
+    ],
+)
+def test_invalid_values_are_explained(tmp_path, text, fragment):
+    with pytest.raises(RecipeError, match=None) as info:
+        load_recipe(write(tmp_path, text))
+    assert fragment in str(info.value)
+
+
+def test_python_tags_are_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, f'head: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(RecipeError, match="line 1.*not allowed"):
+        load_recipe(path)
+    assert not marker.exists()
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_before_validation_with_list_indices(tmp_path):
+    path = write(tmp_path, "data:\n  image_size: 224\n")
+    recipe = load_recipe(
+        path,
+        ["stages.0.epochs=7", "data.image_size=96", "stages.1.optimizer.learning_rate=3e-6",
+         "head.dense=[256, 128]", "backbone.freeze=block_13_expand", "tracking.tags.owner=me"],
+    )
+    assert recipe.stages[0].epochs == 7
+    assert recipe.data.image_size == 96
+    assert recipe.stages[1].optimizer.learning_rate == 3e-6
+    assert recipe.head.dense == [256, 128]
+    assert recipe.backbone.freeze == "block_13_expand"
+    assert recipe.tracking.tags == {"owner": "me"}
+
+
+def test_override_can_fix_an_invalid_file_value(tmp_path):
+    path = write(tmp_path, "stages:\n  - name: head\n    epochs: 0\n")
+    assert load_recipe(path, ["stages.0.epochs=2"]).stages[0].epochs == 2
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("stages.0.epoch=3", "Did you mean `stages.0.epochs`"),
+        ("stages.5.epochs=3", "index from 0 to 1"),
+        ("nonsense", "dotted.path=value"),
+        ("data.image_size.x=3", "holds a single value"),
+    ],
+)
+def test_bad_overrides_are_explained(override, fragment):
+    with pytest.raises(RecipeError) as info:
+        load_recipe({}, [override])
+    assert fragment in str(info.value)
+
+
+def test_invalid_override_value_names_the_flag():
+    with pytest.raises(RecipeError, match=r"from --set data.batch_size=0"):
+        load_recipe({}, ["data.batch_size=0"])
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe({"head": {"dense": [32]}}, ["stages.0.epochs=3"])
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_recipes_are_frozen():
+    recipe = Recipe()
+    with pytest.raises(Exception):
+        recipe.seed = 3
