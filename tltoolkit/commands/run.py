@@ -128,6 +128,7 @@ def run(
             mlflow.log_input(manifest, context="training")
         for index, stage in enumerate(recipe.stages):
             with mlflow.start_run(
+                experiment_id=experiment_id,  # Else MLflow files the child under the Default experiment.
                 run_name=f"{stage.name}",
                 nested=True,
                 tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": stage.name,

@@ -1,0 +1,114 @@
+"""The MLflow structure of a run, in a temporary store: parent, children, tags, params, metrics, artifacts, model."""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+import tltoolkit
+from conftest import tiny_recipe, write_images
+from tltoolkit.errors import ModelLoadError, TrackingError
+from tltoolkit.tracking.models import load_classifier
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracked")
+    data = write_images(root / "images", per_class=8)
+    (data / "red" / "broken.jpg").write_text("not a jpeg")
+    uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
+    recipe = tiny_recipe(tracking={"experiment": "tracked", "tags": {"team": "vision"}})
+    result = tltoolkit.run(recipe, data, tracking_uri=uri, verbose=0)
+    return result, uri, data
+
+
+@pytest.fixture
+def client(finished):
+    mlflow.set_tracking_uri(finished[1])
+    return MlflowClient(finished[1])
+
+
+def artifact_paths(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def test_parent_run_with_tags_params_and_artifacts(finished, client):
+    result, _, data = finished
+    parent = client.get_run(result.run_id)
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert tags["tltoolkit.kind"] == "run" and tags["tltoolkit.backbone"] == "test_tiny"
+    assert tags["tltoolkit.recipe"] == "tiny" and tags["tltoolkit.dataset"] == "images" and tags["team"] == "vision"
+    assert parent.info.run_name == "tiny-test_tiny-images"
+    params = parent.data.params
+    assert params["stages.0.epochs"] == "2" and params["backbone.name"] == "test_tiny" and params["data.classes"] == "3"
+    assert {"val_accuracy", "val_loss", "head_val_accuracy", "finetune_val_accuracy"} <= set(parent.data.metrics)
+    paths = set(artifact_paths(client, result.run_id))
+    assert {
+        "recipe.yaml", "data/class_names.json", "data/skipped_files.csv", "data/manifest.csv", "curves.png",
+        "evaluation/val_confusion_matrix.png", "evaluation/val_classification_report.txt", "history.csv",
+    } <= paths
+    skipped = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/skipped_files.csv")
+    assert "broken.jpg" in skipped
+    resolved = tltoolkit.load_recipe(dict(__import__("yaml").safe_load(
+        mlflow.artifacts.load_text(f"runs:/{result.run_id}/recipe.yaml"))))
+    assert resolved.stages[0].epochs == 2 and resolved.data.image_size == 32
+
+
+def test_one_child_run_per_stage_with_per_epoch_metrics(finished, client):
+    result, _, _ = finished
+    children = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'",
+    )
+    assert sorted(c.data.tags["tltoolkit.stage"] for c in children) == ["finetune", "head"]
+    assert result.stage_runs.keys() == {"head", "finetune"}
+    head = client.get_run(result.stage_runs["head"])
+    assert head.data.tags["tltoolkit.backbone"] == "test_tiny"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        history = client.get_metric_history(head.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key
+    assert "top5_accuracy" not in head.data.metrics, "top-k only with more than 5 classes"
+    assert head.data.params["frozen_layers"] == "11"
+    assert client.get_run(result.stage_runs["finetune"]).data.params["frozen_layers"] == "0"
+    assert {"curves.png", "evaluation/final_val_confusion_matrix.png"} <= set(artifact_paths(client, head.info.run_id))
+
+
+def test_logged_model_reloads_and_predicts_like_the_trained_model(finished, client):
+    result, _, _ = finished
+    pixels = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    expected = result.model.predict(pixels, verbose=0)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    probabilities = pyfunc.predict(pixels)
+    assert probabilities.shape == (5, 3)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    signature = pyfunc.metadata.get_input_schema().inputs[0]
+    assert signature.shape == (-1, 32, 32, 3) and signature.type == np.dtype("float32")
+    loaded = load_classifier(result.run_id)
+    assert loaded.class_names == result.class_names == ["blue", "green", "red"]
+    np.testing.assert_allclose(loaded.model.predict(pixels, verbose=0), expected, atol=1e-5)
+
+
+def test_unreachable_store_fails_fast_before_any_data_is_read(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(TrackingError, match="cannot be used"):
+        tltoolkit.run(tiny_recipe(), tmp_path / "does-not-exist", tracking_uri="http://127.0.0.1:9")
+    assert time.perf_counter() - started < 30
+
+
+def test_unsafe_models_are_refused(tmp_path):
+    import keras
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ModelLoadError, match="Lambda"):
+        load_classifier(path)
+    with pytest.raises(ModelLoadError, match="neither a file"):
+        load_classifier("no-such-model")
