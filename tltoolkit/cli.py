@@ -9,14 +9,17 @@ from pathlib import Path
 
 from tltoolkit.errors import TltoolkitError
 
-_REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+_REPO = Path(__file__).resolve().parents[1]
 
 
 def _find_recipe(name: str) -> str:
-    """A recipe path as given, else the same name in the repository's recipes/ folder."""
-    if Path(name).exists() or not (_REPO_RECIPES / name).exists():
+    """A recipe path as given; else, from another directory, the same path or name in this checkout's recipes/."""
+    if Path(name).exists():
         return name
-    return str(_REPO_RECIPES / name)
+    for candidate in (_REPO / name, _REPO / "recipes" / Path(name).name):
+        if candidate.is_file():
+            return str(candidate)
+    return name
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:

@@ -133,3 +133,17 @@ def test_recipes_are_frozen():
     recipe = Recipe()
     with pytest.raises(Exception):
         recipe.seed = 3
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_freeze_points_exist_in_their_backbones(path):
+    """A recipe naming a layer (e.g. resnet50's `conv5_block1_1_conv`) must name a real one."""
+    import keras
+
+    import tltoolkit
+    from tltoolkit.model import check_points
+
+    recipe = load_recipe(path)
+    backbone = tltoolkit.create_backbone(recipe.backbone.name, weights="none", input_size=recipe.data.image_size)
+    check_points(backbone, recipe.backbone.freeze, recipe.stages)
+    keras.backend.clear_session()

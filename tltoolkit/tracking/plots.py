@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 
@@ -33,6 +34,7 @@ def curves_figure(history: pd.DataFrame, title: str = "") -> plt.Figure:
                 if i % 2:
                     ax.axvspan(start + 0.5, end + 0.5, color="0.93", zorder=0)
                 ax.text(start + 0.6, 1.0, history["stage"][start], transform=ax.get_xaxis_transform(), va="top")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
