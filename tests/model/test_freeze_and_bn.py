@@ -4,7 +4,7 @@ import pytest
 
 import tltoolkit
 from tltoolkit.errors import BackboneError
-from tltoolkit.model import build_classifier, class_names_of, frozen_prefix, set_trainable, unfrozen_prefix
+from tltoolkit.model import backbone_of, build_classifier, class_names_of, frozen_prefix, set_trainable, unfrozen_prefix
 from tltoolkit.recipe import HeadConfig, Recipe
 
 
@@ -88,6 +88,7 @@ def test_class_names_travel_with_the_saved_model(parts, tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert class_names_of(loaded) == ["a", "b", "c"]
+    assert backbone_of(loaded).name == "test_tiny", "the backbone, in its InferenceMode wrapper, survives saving"
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import warnings
@@ -160,7 +159,3 @@ def _mlmodel_metadata(mlmodel: Path) -> dict:
     import yaml
 
     return (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
-
-
-def class_names_json(class_names: list[str]) -> str:
-    return json.dumps(class_names, indent=2, ensure_ascii=False)
