@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_images
+from tltoolkit.data import load_image_array, prepare_data
+from tltoolkit.data.pipeline import image_dataset
+from tltoolkit.errors import DataError
+from tltoolkit.recipe import DataConfig
+
+
+def test_bad_files_are_skipped_with_reasons_and_nothing_is_lost(image_folder):
+    (image_folder / "red" / "page.jpg").write_text("<html>saved web page</html>")
+    (image_folder / "red" / "empty.png").write_bytes(b"")
+    good = image_folder / "blue" / "blue_0.png"
+    (image_folder / "blue" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (image_folder / "green" / "._green_0.png").write_bytes(b"\x00\x05\x16\x07")
+    (image_folder / "notes.txt").write_text("stray file at the top")
+
+    folder = prepare_data(image_folder, val_split=0.25, seed=1)
+
+    reasons = {path.split("/")[-1]: reason for path, reason in folder.skipped_frame().itertuples(index=False)}
+    assert set(reasons) == {"page.jpg", "empty.png", "truncated.png", "._green_0.png", "notes.txt"}
+    assert "not an image" in reasons["page.jpg"] and "0 bytes" in reasons["empty.png"]
+    assert "truncated" in reasons["truncated.png"] and "AppleDouble" in reasons["._green_0.png"]
+    on_disk = sum(1 for p in image_folder.rglob("*") if p.is_file())
+    used = sum(len(items) for items in folder.parts.values())
+    assert used + len(folder.skipped) == on_disk
+
+
+def test_split_is_stratified_seeded_and_disjoint(tmp_path):
+    root = write_images(tmp_path / "imgs", per_class=20)
+    a = prepare_data(root, val_split=0.25, seed=7, progress=False)
+    b = prepare_data(root, val_split=0.25, seed=7, progress=False)
+    c = prepare_data(root, val_split=0.25, seed=8, progress=False)
+    assert a.parts == b.parts
+    assert a.parts["val"] != c.parts["val"]
+    assert not set(a.parts["train"]) & set(a.parts["val"])
+    assert a.counts()["val"].tolist() == [5, 5, 5]
+    assert a.class_names == ["blue", "green", "red"]
+
+
+def test_train_val_test_subtrees_are_used_as_given(tmp_path):
+    write_images(tmp_path / "ds" / "train", per_class=4)
+    write_images(tmp_path / "ds" / "val", per_class=2, seed=1)
+    write_images(tmp_path / "ds" / "test", classes={"red": (200, 0, 0)}, per_class=3, seed=2)
+    folder = prepare_data(tmp_path / "ds", progress=False)
+    assert folder.layout == "splits"
+    assert {k: len(v) for k, v in folder.parts.items()} == {"train": 12, "val": 6, "test": 3}
+    assert {label for _, label in folder.parts["test"]} == {folder.class_names.index("red")}
+
+
+def test_val_class_missing_from_train_is_an_error(tmp_path):
+    write_images(tmp_path / "ds" / "train", per_class=3)
+    write_images(tmp_path / "ds" / "val", classes={"purple": (120, 0, 120)}, per_class=2)
+    with pytest.raises(DataError, match="purple"):
+        prepare_data(tmp_path / "ds", progress=False)
+
+
+@pytest.mark.parametrize(
+    "layout, fragment",
+    [
+        ("missing", "does not exist"),
+        ("no_classes", "no class subfolders"),
+        ("one_class", "single class"),
+        ("empty_class", "hold no usable image"),
+        ("too_few", "fewer than 2 images"),
+    ],
+)
+def test_unusable_folders_are_clear_errors(tmp_path, layout, fragment):
+    root = tmp_path / "ds"
+    if layout == "no_classes":
+        root.mkdir()
+        Image.new("RGB", (8, 8)).save(root / "loose.png")
+    elif layout == "one_class":
+        write_images(root, classes={"red": (255, 0, 0)})
+    elif layout == "empty_class":
+        write_images(root)
+        (root / "empty").mkdir()
+    elif layout == "too_few":
+        write_images(root, per_class=1)
+    with pytest.raises(DataError) as info:
+        prepare_data(root, progress=False)
+    assert fragment in str(info.value)
+
+
+def test_image_modes_become_rgb(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((10, 10), 128, np.uint8), "L").save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(rgba)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((10, 10), 65535, np.uint16)).save(deep)
+    assert load_image_array(gray, 4)[0, 0].tolist() == [128, 128, 128]
+    assert load_image_array(rgba, 4)[0, 0].tolist() == [255, 255, 255], "transparent pixels show white"
+    assert load_image_array(deep, 4)[0, 0].tolist() == [255, 255, 255], "16-bit is scaled, not clipped"
+
+
+@pytest.mark.parametrize("mode, expected", [("squash", (6, 6, 3)), ("crop", (6, 6, 3)), ("pad", (6, 6, 3))])
+def test_resize_modes(tmp_path, mode, expected):
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (30, 10), (255, 255, 255)).save(wide)
+    array = load_image_array(wide, 6, mode)
+    assert array.shape == expected and array.dtype == np.uint8
+    if mode == "pad":
+        assert array[0, 0].tolist() == [0, 0, 0], "letterbox bars are black"
+    else:
+        assert array[0, 0].tolist() == [255, 255, 255]
+
+
+def test_pipeline_batches_float_pixels_and_one_hot_labels(image_folder):
+    folder = prepare_data(image_folder, progress=False)
+    config = DataConfig(image_size=16, batch_size=4)
+    x, y = next(iter(image_dataset(folder.parts["val"], 3, config, training=False)))
+    assert x.shape == (4, 16, 16, 3) and x.dtype.name == "float32"
+    assert float(x.numpy().max()) > 100.0, "pixels stay in 0-255; preprocessing is inside the model"
+    assert y.shape == (4, 3) and np.allclose(y.numpy().sum(axis=1), 1.0)
+
+
+def test_augmentation_runs_in_training_only(image_folder):
+    folder = prepare_data(image_folder, progress=False)
+    config = DataConfig(image_size=16, batch_size=100, cache=False, augment={"rotation": 0.25, "contrast": 0.5})
+    items = sorted(folder.parts["train"])
+    plain = np.concatenate([x.numpy() for x, _ in image_dataset(items, 3, config, training=False)])
+    again = np.concatenate([x.numpy() for x, _ in image_dataset(items, 3, config, training=False)])
+    assert np.array_equal(plain, again), "evaluation pipelines are deterministic"
+    augmented = np.concatenate([x.numpy() for x, _ in image_dataset(items, 3, config, training=True)])
+    assert not np.allclose(np.sort(plain.ravel()), np.sort(augmented.ravel()))
