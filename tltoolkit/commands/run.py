@@ -73,8 +73,7 @@ def run(
     from tltoolkit.data import prepare_data
     from tltoolkit.data.pipeline import image_dataset
     from tltoolkit.model import build_classifier, check_points
-    from tltoolkit.stages import class_weights, fit_stage
-    from tltoolkit.tracking.callback import MlflowMetrics
+    from tltoolkit.stages import class_weights
     from tltoolkit.tracking.models import log_classifier
     from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
 
@@ -129,44 +128,26 @@ def run(
         for index, stage in enumerate(recipe.stages):
             with mlflow.start_run(
                 experiment_id=experiment_id,  # Else MLflow files the child under the Default experiment.
-                run_name=f"{stage.name}",
+                run_name=stage.name,
                 nested=True,
                 tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": stage.name,
                       "tltoolkit.stage_index": str(index)},
             ) as child:
-                child_id = child.info.run_id
-                stage_runs[stage.name] = child_id
-                mlflow.log_params({k.removeprefix(f"stages.{index}."): v for k, v in recipe.flat().items()
-                                   if k.startswith(f"stages.{index}.")})
-                started = time.perf_counter()
-                outcome = fit_stage(
-                    model, backbone, recipe, stage, train_ds, eval_ds["val"], weights,
-                    callbacks=[MlflowMetrics(child_id, client)], verbose=verbose,
+                stage_runs[stage.name] = child.info.run_id
+                history, last_eval = _run_stage(
+                    client, child.info.run_id, index, recipe, model, backbone, train_ds, eval_ds["val"], folder,
+                    weights, f"{run_name} / {stage.name}", verbose,
                 )
-                mlflow.log_params({
-                    "frozen_layers": outcome.trainable.frozen_layers,
-                    "trainable_backbone_layers": outcome.trainable.trainable_layers,
-                    "trainable_params": outcome.trainable.trainable_params,
-                })
-                wall = time.perf_counter() - started
-                summary = {"wall_s": wall, "epochs_run": len(outcome.history)}
-                if outcome.best_epoch is not None:
-                    summary["best_epoch"] = outcome.best_epoch
-                mlflow.log_metrics(summary)
-                history = outcome.history.assign(stage=stage.name)
                 histories.append(history)
-                log_curves(client, child_id, history, f"{run_name} / {stage.name}", "curves.png")
-                stage_eval = _evaluate(model, eval_ds["val"], folder.parts["val"], folder.class_names)
-                log_evaluation(client, child_id, stage_eval, folder.class_names, "final_val")
-                mlflow.log_metric(f"{stage.name}_val_accuracy", stage_eval.metrics["accuracy"], run_id=parent_id)
-                print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {stage_eval.metrics['accuracy']:.4f}")
+                mlflow.log_metric(f"{stage.name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
 
         all_history = pd.concat(histories, ignore_index=True)
         log_curves(client, parent_id, all_history, run_name, "curves.png")
         client.log_text(parent_id, all_history.to_csv(index=False), "history.csv")
         metrics: dict[str, float] = {}
         for part, ds in eval_ds.items():
-            evaluation = _evaluate(model, ds, folder.parts[part], folder.class_names)
+            # The last stage already scored these very weights on val.
+            evaluation = last_eval if part == "val" else _evaluate(model, ds, folder.parts[part], folder.class_names)
             log_evaluation(client, parent_id, evaluation, folder.class_names, part)
             metrics.update({f"{part}_{k}": v for k, v in evaluation.metrics.items()})
         model_uri = None
@@ -176,6 +157,40 @@ def run(
 
     _print_done(parent_id, experiment_name, uri, metrics)
     return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)
+
+
+def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds, folder, weights, title, verbose):
+    """Fits stage `index` inside its (active) child run and logs its params, curves and final evaluation."""
+    import mlflow
+
+    from tltoolkit.stages import fit_stage
+    from tltoolkit.tracking.callback import MlflowMetrics
+    from tltoolkit.tracking.reports import log_curves, log_evaluation
+
+    stage = recipe.stages[index]
+    prefix = f"stages.{index}."
+    mlflow.log_params({k.removeprefix(prefix): v for k, v in recipe.flat().items() if k.startswith(prefix)})
+    started = time.perf_counter()
+    outcome = fit_stage(
+        model, backbone, recipe, stage, train_ds, val_ds, weights,
+        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose,
+    )
+    wall = time.perf_counter() - started
+    mlflow.log_params({
+        "frozen_layers": outcome.trainable.frozen_layers,
+        "trainable_backbone_layers": outcome.trainable.trainable_layers,
+        "trainable_params": outcome.trainable.trainable_params,
+    })
+    summary = {"wall_s": wall, "epochs_run": len(outcome.history)}
+    if outcome.best_epoch is not None:
+        summary["best_epoch"] = outcome.best_epoch
+    mlflow.log_metrics(summary)
+    history = outcome.history.assign(stage=stage.name)
+    log_curves(client, run_id, history, title, "curves.png")
+    evaluation = _evaluate(model, val_ds, folder.parts["val"], folder.class_names)
+    log_evaluation(client, run_id, evaluation, folder.class_names, "final_val")
+    print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {evaluation.metrics['accuracy']:.4f}")
+    return history, evaluation
 
 
 def _evaluate(model, ds, items, class_names):
