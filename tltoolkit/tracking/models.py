@@ -13,16 +13,17 @@ import numpy as np
 
 from tltoolkit.errors import ModelLoadError
 
+with warnings.catch_warnings():
+    # Importing mlflow.pyfunc defines MLflow's own loaders, which warn about missing type hints.
+    warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+    from mlflow.pyfunc import PythonModel
+
 MODEL_NAME = "model"
 _KERAS_FILE = "classifier.keras"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-# MLflow nags about type hints on `predict`; the signature is given explicitly when logging instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-
-
-class KerasClassifierModel(mlflow.pyfunc.PythonModel):
+class KerasClassifierModel(PythonModel):
     """pyfunc wrapper: a float32 batch of raw RGB images `(N, H, W, 3)` in [0, 255] -> probabilities `(N, classes)`."""
 
     def load_context(self, context):
@@ -67,6 +68,7 @@ def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # The signature is explicit; an input example would store a full image as JSON.
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
         keras_path = Path(tmp) / _KERAS_FILE
         model.save(keras_path)
         recipe_path = Path(tmp) / "recipe.yaml"

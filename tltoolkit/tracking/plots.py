@@ -34,6 +34,7 @@ def curves_figure(history: pd.DataFrame, title: str = "") -> plt.Figure:
                 if i % 2:
                     ax.axvspan(start + 0.5, end + 0.5, color="0.93", zorder=0)
                 ax.text(start + 0.6, 1.0, history["stage"][start], transform=ax.get_xaxis_transform(), va="top")
+        ax.set_xlim(0.5, len(history) + 0.5)  # Also keeps stage labels inside the axes for one-epoch stages.
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
