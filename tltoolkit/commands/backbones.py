@@ -48,7 +48,7 @@ def backbone_layers(name: str, input_size: int | None = None) -> pd.DataFrame:
                 "name": layer.name,
                 "type": type(layer).__name__,
                 "params": layer.count_params() if layer.built else 0,
-                "output_shape": str(getattr(layer, "output", None).shape if hasattr(layer, "output") else ""),
+                "output_shape": str(layer.output.shape),  # Every layer of a built functional model has one.
             }
             for index, layer in enumerate(model.layers)
         ]

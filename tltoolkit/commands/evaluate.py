@@ -54,8 +54,10 @@ def evaluate(
     print(report_text(evaluation, loaded.class_names))
     if log:
         client = MlflowClient()
-        source_experiment = client.get_run(loaded.run_id).info.experiment_id if loaded.run_id else None
-        experiment_id = source_experiment if source_experiment and not experiment else connect(uri, experiment or "tltoolkit")
+        if loaded.run_id and not experiment:
+            experiment_id = client.get_run(loaded.run_id).info.experiment_id  # Beside the run that trained it.
+        else:
+            experiment_id = connect(uri, experiment or "tltoolkit")
         tags = {"tltoolkit.kind": "evaluate", "tltoolkit.model": str(model), "tltoolkit.dataset": Path(data).resolve().name}
         if loaded.run_id:
             tags["tltoolkit.source_run"] = loaded.run_id
