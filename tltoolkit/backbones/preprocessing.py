@@ -5,11 +5,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-# The three conventions of `keras.applications.imagenet_utils.preprocess_input`.
+# The three conventions of `keras.applications.imagenet_utils.preprocess_input`, and EfficientNet-Lite's.
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-MODES = ("tf", "torch", "caffe")
+MODES = ("tf", "torch", "caffe", "lite")
 
 
 @keras.saving.register_keras_serializable(package="tltoolkit")
@@ -18,8 +18,9 @@ class ImagePreprocessing(keras.layers.Layer):
 
     Args:
         mode: `"tf"` scales to [-1, 1]; `"torch"` scales to [0, 1] and normalises by the ImageNet mean and std;
-            `"caffe"` converts to BGR and subtracts the ImageNet mean. The same as
-            `keras.applications.imagenet_utils.preprocess_input(x, mode=mode)`.
+            `"caffe"` converts to BGR and subtracts the ImageNet mean. These three are the same as
+            `keras.applications.imagenet_utils.preprocess_input(x, mode=mode)`. `"lite"` computes
+            `(x - 127) / 128`, as EfficientNet-Lite was trained (integer-friendly for TFLite).
 
     Example:
         >>> import numpy as np
@@ -40,6 +41,8 @@ class ImagePreprocessing(keras.layers.Layer):
             return x / 127.5 - 1.0
         if self.mode == "torch":
             return (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN, x.dtype)) / ops.convert_to_tensor(_TORCH_STD, x.dtype)
+        if self.mode == "lite":
+            return (x - 127.0) / 128.0
         return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, x.dtype)
 
     def compute_output_shape(self, input_shape):

@@ -6,7 +6,7 @@ Importing this module does not import Keras, so recipes validate backbone names 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from tltoolkit.errors import BackboneError
@@ -14,8 +14,24 @@ from tltoolkit.errors import BackboneError
 if TYPE_CHECKING:
     import keras
 
-# Names of weight sources every backbone understands besides a file path.
+# The weight source every backbone understands: random initialisation.
 NO_WEIGHTS = "none"
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One named way to get a backbone's pretrained weights, as written in `backbone.weights`.
+
+    A source may need its own port of the architecture (a PyTorch checkpoint needs PyTorch's padding and
+    BatchNormalization epsilon) and its own preprocessing; both default to the backbone's.
+    """
+
+    name: str  # As written in recipes, e.g. "imagenet" or "torchvision".
+    summary: str  # One line for `tltoolkit backbones`: where the weights come from.
+    is_cached: Callable[[], bool]  # Whether the weights are on this machine now (usable with no network).
+    builder: Callable[..., "keras.Model"] | None = None  # Overrides `BackboneCfg.builder` for these weights.
+    preprocessing: str | None = None  # Overrides `BackboneCfg.preprocessing` for these weights.
+    file_suffixes: tuple[str, ...] = ()  # Local files this source's builder reads (e.g. ".pth"), beside its name.
 
 
 @dataclass(frozen=True)
@@ -33,11 +49,30 @@ class BackboneCfg:
     builder: Callable[..., "keras.Model"]  # (cfg, input_tensor, include_top, weights) -> Functional model.
     input_size: int  # Side of the square images the pretrained weights were trained on.
     feature_width: int  # Channels of the last feature map, the width a new head sits on.
-    preprocessing: str  # "tf" ([-1, 1]), "torch" (ImageNet mean/std), "caffe" (BGR, mean), or "none" (built in).
-    weight_sources: tuple[str, ...] = ("imagenet", NO_WEIGHTS)  # Named sources; a file path always works too.
+    preprocessing: str  # An `ImagePreprocessing` mode ("tf", "torch", "caffe", "lite"), or "none" (built in).
+    weight_sources: tuple[WeightSource, ...] = ()  # Named pretrained sources; `none` and a Keras weights file always work.
     min_input_size: int = 32  # Smallest side the architecture accepts.
     family: str = ""  # Paper / keras.applications family, for listings.
     options: dict[str, Any] = field(default_factory=dict)  # Extra keyword arguments for the builder.
+
+    def weight_source(self, weights: str) -> WeightSource | None:
+        """The source `weights` names or, for a file path, the source whose builder reads that kind of file.
+
+        `None` means the backbone's own builder handles it: `none`, or a Keras weights file.
+        """
+        for source in self.weight_sources:
+            if weights == source.name:
+                return source
+        suffix = weights.lower()
+        for source in self.weight_sources:
+            if any(suffix.endswith(end) for end in source.file_suffixes):
+                return source
+        return None
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """Every name `backbone.weights` accepts besides a file path."""
+        return (*(source.name for source in self.weight_sources), NO_WEIGHTS)
 
 
 _REGISTRY: dict[str, BackboneCfg] = {}
@@ -53,6 +88,19 @@ def register_backbone(cfg: BackboneCfg) -> BackboneCfg:
         raise BackboneError(f"A backbone named {cfg.name!r} is already registered; pick another name.")
     _REGISTRY[cfg.name] = cfg
     return cfg
+
+
+def register_weight_source(backbone: str, source: WeightSource) -> BackboneCfg:
+    """Adds a weight source to a registered backbone (e.g. an offline checkpoint for a keras.applications one).
+
+    Raises:
+        BackboneError: The backbone is unknown, or already has a source of that name.
+    """
+    cfg = get_backbone_cfg(backbone)
+    if source.name in cfg.source_names:
+        raise BackboneError(f"{backbone} already has a weight source named {source.name!r}.")
+    _REGISTRY[backbone] = replace(cfg, weight_sources=(*cfg.weight_sources, source))
+    return _REGISTRY[backbone]
 
 
 def list_backbones() -> list[str]:
@@ -91,10 +139,12 @@ def create_backbone(
 
     Args:
         name: A registered name, e.g. `"mobilenet_v2"`; `tltoolkit backbones` lists them.
-        weights: `"imagenet"` (Keras's own download and cache under `~/.keras/models`), `"none"` or `None` (random
-            initialisation), another source the backbone lists, or the path of a Keras weights file. Defaults to
-            `"imagenet"`.
-        include_top: Keep the original classifier. Defaults to `False` (the last feature map is the output).
+        weights: A source the backbone lists (`"imagenet"`: for keras.applications backbones Keras's own download
+            and cache under `~/.keras/models`; `"torchvision"` for `mobilenet_v2`: an offline checkpoint),
+            `"none"` or `None` (random initialisation), the path of a Keras weights file, or of a file a source
+            reads (a PyTorch `.pth` checkpoint for the ported backbones). Defaults to `"imagenet"`.
+        include_top: Keep the original classifier (its 1000 ImageNet outputs: probabilities for keras.applications
+            backbones, logits for the PyTorch ports). Defaults to `False` (the last feature map is the output).
         input_size: Square image side. Defaults to the backbone's own input size.
 
     Returns:
@@ -115,11 +165,14 @@ def create_backbone(
         raise BackboneError(
             f"{name} needs images of at least {cfg.min_input_size} px, got {size}; raise data.image_size."
         )
-    source = NO_WEIGHTS if weights is None else str(weights)
+    weights = NO_WEIGHTS if weights is None else str(weights)
+    source = cfg.weight_source(weights)
+    builder = source.builder if source is not None and source.builder is not None else cfg.builder
+    preprocessing = source.preprocessing if source is not None and source.preprocessing else cfg.preprocessing
     import keras
 
     from tltoolkit.backbones.preprocessing import ImagePreprocessing
 
     inputs = keras.Input(shape=(size, size, 3), name="image")
-    x = ImagePreprocessing(cfg.preprocessing, name="preprocessing")(inputs) if cfg.preprocessing != "none" else inputs
-    return cfg.builder(cfg, input_tensor=x, include_top=include_top, weights=source)
+    x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs) if preprocessing != "none" else inputs
+    return builder(cfg, input_tensor=x, include_top=include_top, weights=weights)

@@ -1,4 +1,4 @@
-"""`tltoolkit backbones`: what each registered backbone is, and the layers of one (to pick freeze points)."""
+"""`tltoolkit backbones`: what each registered backbone is, its weight sources, and the layers of one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from tltoolkit.backbones import create_backbone, get_backbone_cfg, list_backbone
 def backbones(names: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
     """One row per backbone: name, family, input size, feature width, parameters, layers, preprocessing, weights.
 
-    Parameter and layer counts come from building each backbone without weights (a few seconds each).
+    `weights` lists the sources `backbone.weights` accepts, each marked `[offline]` when its weights are on this
+    machine now or `[download]` when first use needs the network. Parameter and layer counts come from building
+    each backbone without weights (a few seconds each).
     """
     import keras
 
@@ -29,7 +31,10 @@ def backbones(names: list[str] | None = None, progress: bool = True) -> pd.DataF
                 "params": model.count_params(),
                 "layers": len(model.layers),
                 "preprocessing": cfg.preprocessing,
-                "weights": ", ".join(cfg.weight_sources) + ", <path>",
+                "weights": ", ".join(
+                    [f"{s.name} [{'offline' if s.is_cached() else 'download'}]" for s in cfg.weight_sources]
+                    + ["none", "<file>"]
+                ),
             }
         )
         keras.backend.clear_session()
@@ -53,3 +58,21 @@ def backbone_layers(name: str, input_size: int | None = None) -> pd.DataFrame:
             for index, layer in enumerate(model.layers)
         ]
     ).set_index("index")
+
+
+def weight_sources(names: list[str] | None = None) -> pd.DataFrame:
+    """One row per (backbone, pretrained weight source): whether it is usable offline now, and where it comes from."""
+    rows = []
+    for name in names or list_backbones():
+        cfg = get_backbone_cfg(name)
+        for source in cfg.weight_sources:
+            rows.append(
+                {
+                    "backbone": name,
+                    "weights": source.name,
+                    "offline_now": source.is_cached(),
+                    "preprocessing": source.preprocessing or cfg.preprocessing,
+                    "source": source.summary,
+                }
+            )
+    return pd.DataFrame(rows)
