@@ -64,10 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
     _add_tracking_flag(evaluate)
 
-    predict = sub.add_parser("predict", help="predict classes of images; CSV of path, top-k classes, probabilities")
-    predict.add_argument("model", help="run id, runs:/ or models:/ URI, MLflow model folder, or .keras file")
-    predict.add_argument("paths", nargs="+", help="image files or folders")
-    predict.add_argument("--top-k", type=int, default=3)
+    predict = sub.add_parser(
+        "predict",
+        help="predict classes of images; CSV of path, top-k classes, probabilities",
+        usage="tltoolkit predict MODEL PATH [PATH ...] | tltoolkit predict --imagenet PATH [PATH ...]",
+    )
+    predict.add_argument(
+        "items", nargs="+", metavar="MODEL PATH",
+        help="the model (run id, runs:/ or models:/ URI, MLflow model folder, or .keras file), then image files or "
+        "folders; with --imagenet only images",
+    )  # fmt: skip
+    predict.add_argument(
+        "--imagenet", action="store_true",
+        help="label the images with a pretrained backbone's original ImageNet classifier (no trained model needed)",
+    )  # fmt: skip
+    predict.add_argument("--backbone", default="mobilenet_v2", help="for --imagenet (default: mobilenet_v2)")
+    predict.add_argument("--weights", help="for --imagenet: the weight source (default: one usable offline)")
+    predict.add_argument("--top-k", type=int, help="classes per image (default: 3, or 5 with --imagenet)")
     predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
     _add_tracking_flag(predict)
 
@@ -124,9 +137,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         evaluate(args.model, args.data, args.tracking_uri, args.experiment, log=not args.no_log)
     elif args.command == "predict":
-        from tltoolkit.commands.predict import predict
+        from tltoolkit.commands.predict import predict, predict_imagenet
 
-        table = predict(args.model, args.paths, args.top_k, args.output, args.tracking_uri)
+        if args.imagenet:
+            table = predict_imagenet(args.items, args.backbone, args.weights, args.top_k or 5, args.output)
+        elif len(args.items) < 2:
+            raise TltoolkitError("give the model, then image files or folders (or --imagenet and images only)")
+        else:
+            table = predict(args.items[0], args.items[1:], args.top_k or 3, args.output, args.tracking_uri)
         if not args.output:
             table.to_csv(sys.stdout, index=False, float_format="%.6f")
     elif args.command == "compare":

@@ -7,6 +7,7 @@ with reference outputs computed by PyTorch (`../shared/fixtures`); they skip, sa
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -257,3 +258,67 @@ def test_ports_keep_keras_layer_names_so_freeze_points_carry_over():
     weighted = {layer.name for layer in keras_net.layers if layer.weights}
     assert weighted == {layer.name for layer in port.layers if layer.weights}
     assert len(names) == len(weighted) + 1, "every weighted layer, plus the classifier, maps to a PyTorch module"
+
+
+def test_predict_imagenet_prints_the_original_classifiers_labels(reference, tmp_path, capsys):
+    """`tltoolkit predict --imagenet`: the reference images come back as ant / bee / cabbage butterfly, with the
+    probabilities PyTorch's logits give."""
+    from PIL import Image
+
+    from tltoolkit.cli import main
+    from tltoolkit.commands.predict import imagenet_class_names
+
+    ref = reference("mobilenet_v2")
+    _pretrained("mobilenet_v2", include_top=False)
+    for i, image in enumerate(ref["images"]):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    capsys.readouterr()
+    assert main(["predict", "--imagenet", str(tmp_path), "--top-k", "2"]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    names = imagenet_class_names()
+    assert len(names) == 1000 and (names[309], names[310]) == ("bee", "ant")
+    expected = [names[i] for i in ref["logits"].argmax(1)]
+    assert table["class_1"].tolist() == expected
+    assert expected.count("ant") == 4 and expected.count("bee") == 3
+    top = np.exp(ref["logits"].max(1)) / np.exp(ref["logits"]).sum(1)
+    np.testing.assert_allclose(table["probability_1"], top, atol=1e-4)
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize(
+    "recipe, unfreeze", [("mobilenet_v2.yaml", "block_13_expand"), ("efficientnet_lite0.yaml", "block6a_expand_conv")]
+)
+def test_shipped_recipes_fine_tune_the_pretrained_ports(recipe, unfreeze, image_folder):
+    """Both stages run on the real weights: layers below the unfreeze point keep their pretrained values, layers
+    above it move, and no BatchNormalization statistic moves."""
+    from tltoolkit.model.build import backbone_of
+
+    backbone_name = recipe.removesuffix(".yaml")
+    pretrained = _pretrained(backbone_name, include_top=False)
+    before = {w.path: w.numpy().copy() for w in pretrained.weights}
+    repo = Path(__file__).resolve().parents[2]
+    result = tltoolkit.run(
+        repo / "recipes" / recipe, image_folder,
+        overrides=["data.image_size=64", "data.batch_size=8", "data.augment.rotation=0", "stages.0.epochs=1",
+                   "stages.1.epochs=1", f"stages.1.unfreeze={unfreeze}", "stages.1.optimizer.learning_rate=1e-3",
+                   "tracking.log_model=false"],
+        verbose=0,
+    )  # fmt: skip
+    assert set(result.stage_runs) == {"head", "finetune"}
+    backbone = backbone_of(result.model)
+    names = [layer.name for layer in backbone.layers]
+    cut = names.index(unfreeze)
+    moved = {
+        layer.name: any(not np.array_equal(w.numpy(), before[w.path]) for w in layer.weights)
+        for layer in backbone.layers
+        if layer.weights
+    }
+    bn_stats = [w for w in backbone.weights if "moving" in w.path]
+    assert bn_stats and all(np.array_equal(w.numpy(), before[w.path]) for w in bn_stats)
+    frozen = [name for name, changed in moved.items() if names.index(name) < cut]
+    trained = [name for name, changed in moved.items() if names.index(name) >= cut and "conv" in name.lower()]
+    assert not any(moved[name] for name in frozen), "layers below the unfreeze point kept their ImageNet weights"
+    assert all(moved[name] for name in trained), "convolutions from the unfreeze point on were fine-tuned"
+    keras.backend.clear_session()

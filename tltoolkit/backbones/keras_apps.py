@@ -15,7 +15,8 @@ def load_weights_file(model, path: str, backbone: str) -> None:
     if not file.is_file():
         raise BackboneError(
             f"backbone.weights for {backbone} is {path!r}, which is neither a weight source of {backbone} "
-            f"({', '.join(get_backbone_cfg(backbone).source_names)}) nor an existing file; fix the path or pick a source."
+            f"({', '.join(get_backbone_cfg(backbone).source_names)}) nor an existing file; fix the path or pick a "
+            "source."
         )
     try:
         model.load_weights(str(file))
@@ -101,8 +102,8 @@ def _register(name: str, app: str, size: int, width: int, preprocessing: str, fa
 _MOBILENET_V2 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels"
 _register("mobilenet_v2", "MobileNetV2", 224, 1280, "tf", "MobileNetV2", f"{_MOBILENET_V2}_1.0_")
 _register("mobilenet_v2_035", "MobileNetV2", 224, 1280, "tf", "MobileNetV2", f"{_MOBILENET_V2}_0.35_", alpha=0.35)
-_register("mobilenet_v3_small", "MobileNetV3Small", 224, 576, "none", "MobileNetV3", "weights_mobilenet_v3_small_224_1.0")
-_register("mobilenet_v3_large", "MobileNetV3Large", 224, 960, "none", "MobileNetV3", "weights_mobilenet_v3_large_224_1.0")
+_register("mobilenet_v3_small", "MobileNetV3Small", 224, 576, "none", "MobileNetV3", "weights_mobilenet_v3_small_224")
+_register("mobilenet_v3_large", "MobileNetV3Large", 224, 960, "none", "MobileNetV3", "weights_mobilenet_v3_large_224")
 _register("efficientnet_b0", "EfficientNetB0", 224, 1280, "none", "EfficientNet", "efficientnetb0")
 _register("efficientnet_b1", "EfficientNetB1", 240, 1280, "none", "EfficientNet", "efficientnetb1")
 _register("efficientnet_b2", "EfficientNetB2", 260, 1408, "none", "EfficientNet", "efficientnetb2")

@@ -60,7 +60,9 @@ def mobilenet_v2_torchvision(input_tensor, include_top: bool, names: TorchNames,
             inputs, torch = x, f"features.{block_id + 1}.conv"
             prefix = f"block_{block_id}_" if block_id else "expanded_conv_"
             if t != 1:
-                x = conv_bn(x, channels * t, 1, 1, f"{prefix}expand", f"{prefix}expand_BN", f"{torch}.0.0", f"{torch}.0.1")
+                x = conv_bn(
+                    x, channels * t, 1, 1, f"{prefix}expand", f"{prefix}expand_BN", f"{torch}.0.0", f"{torch}.0.1"
+                )
             dw = f"{torch}.1" if t != 1 else f"{torch}.0"
             x = conv_bn(x, None, 3, stride, f"{prefix}depthwise", f"{prefix}depthwise_BN", f"{dw}.0", f"{dw}.1", True)
             last = (2, 3) if t != 1 else (1, 2)

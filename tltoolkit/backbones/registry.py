@@ -50,7 +50,7 @@ class BackboneCfg:
     input_size: int  # Side of the square images the pretrained weights were trained on.
     feature_width: int  # Channels of the last feature map, the width a new head sits on.
     preprocessing: str  # An `ImagePreprocessing` mode ("tf", "torch", "caffe", "lite"), or "none" (built in).
-    weight_sources: tuple[WeightSource, ...] = ()  # Named pretrained sources; `none` and a Keras weights file always work.
+    weight_sources: tuple[WeightSource, ...] = ()  # Pretrained sources; `none` and a Keras weights file always work.
     min_input_size: int = 32  # Smallest side the architecture accepts.
     family: str = ""  # Paper / keras.applications family, for listings.
     options: dict[str, Any] = field(default_factory=dict)  # Extra keyword arguments for the builder.

