@@ -49,7 +49,7 @@ def _run_recipe(args, recipe: str, data: Path, experiment: str) -> tuple[list[di
         })  # fmt: skip
     figures = {"val_accuracy": round(result.metrics["val_accuracy"], 4)}
     figures.update({f"val_accuracy_{row['stage']}": row["val_accuracy"] for row in rows[:-1]})
-    figures.update({f"{key}_accuracy": round(v, 4) for key, v in result.metrics.items() if key == "test_accuracy"})
+    figures.update({key: round(v, 4) for key, v in result.metrics.items() if key == "test_accuracy"})
     figures.update({f"wall_s_{row['stage']}": row["wall_s"] for row in rows})
     figures["wall_s"] = round(wall, 1)
     return rows, figures

@@ -63,11 +63,8 @@ class BackboneCfg:
         for source in self.weight_sources:
             if weights == source.name:
                 return source
-        suffix = weights.lower()
-        for source in self.weight_sources:
-            if any(suffix.endswith(end) for end in source.file_suffixes):
-                return source
-        return None
+        path = weights.lower()
+        return next((s for s in self.weight_sources if s.file_suffixes and path.endswith(s.file_suffixes)), None)
 
     @property
     def source_names(self) -> tuple[str, ...]:
