@@ -169,7 +169,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             table = backbone_layers(args.layers, args.image_size)
         else:
             table = weight_sources() if args.weights else backbones()
-        print(table.to_string(index=not args.weights))
+        if args.weights:  # Left-aligned text reads better than pandas' right-aligned default.
+            width = int(table["source"].str.len().max())
+            print(table.to_string(index=False, formatters={"source": lambda v: f"{v:<{width}}"}, justify="left"))
+            return 0
+        print(table.to_string())
     return 0
 
 
