@@ -37,7 +37,8 @@ def mobilenet_v2_torchvision(input_tensor, include_top: bool, names: TorchNames,
     import keras
     from keras import layers
 
-    def conv_bn(x, filters, kernel, stride, prefix, bn_name, torch_conv, torch_bn, depthwise=False, relu="_relu"):
+    def conv_bn(x, filters, kernel, stride, prefix, bn_name, torch_conv, torch_bn, depthwise=False, relu=""):
+        """Conv (torch padding) + BN + ReLU6 named `relu` (default `<prefix>_relu`; `None`: no activation)."""
         if kernel > 1 and stride > 1:
             x = layers.ZeroPadding2D(kernel // 2, name=f"{prefix}_pad")(x)
         padding = "valid" if stride > 1 or kernel == 1 else "same"  # stride 1, 3x3: "same" is one pixel each side
@@ -50,7 +51,7 @@ def mobilenet_v2_torchvision(input_tensor, include_top: bool, names: TorchNames,
         names[bn_name] = (torch_bn, "bn")
         if relu is None:
             return x
-        return layers.ReLU(6.0, name=relu if not relu.startswith("_") else f"{prefix}{relu}")(x)
+        return layers.ReLU(6.0, name=relu or f"{prefix}_relu")(x)
 
     x = conv_bn(input_tensor, 32, 3, 2, "Conv1", "bn_Conv1", "features.0.0", "features.0.1")
     channels, block_id = 32, 0
