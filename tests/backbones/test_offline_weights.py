@@ -317,7 +317,8 @@ def test_shipped_recipes_fine_tune_the_pretrained_ports(recipe, unfreeze, image_
     }
     bn_stats = [w for w in backbone.weights if "moving" in w.path]
     assert bn_stats and all(np.array_equal(w.numpy(), before[w.path]) for w in bn_stats)
-    convolutions = {l.name for l in backbone.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))}
+    kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    convolutions = {layer.name for layer in backbone.layers if isinstance(layer, kinds)}
     frozen = [name for name in moved if names.index(name) < cut]
     trained = [name for name in moved if names.index(name) >= cut and name in convolutions]
     assert len(trained) >= 5

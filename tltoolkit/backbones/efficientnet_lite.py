@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tltoolkit.backbones.offline import PinnedCheckpoint
 from tltoolkit.backbones.registry import BackboneCfg, register_backbone
+from tltoolkit.backbones import torch_port
 from tltoolkit.backbones.torch_port import TorchNames, torch_weight_source
 
 LITE0 = PinnedCheckpoint(
@@ -46,14 +47,12 @@ def efficientnet_lite0(input_tensor, include_top: bool, names: TorchNames, name:
     import keras
     from keras import layers
 
-    def conv_bn(x, filters, kernel, stride, prefix, conv, bn, torch_conv, torch_bn, relu=True, depthwise=False):
-        if depthwise:
-            x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{prefix}{conv}")(x)
-        else:
-            x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{prefix}{conv}")(x)
-        x = layers.BatchNormalization(epsilon=_EPSILON, momentum=_MOMENTUM, name=f"{prefix}{bn}")(x)
-        names[f"{prefix}{conv}"] = (torch_conv, "depthwise" if depthwise else "conv")
-        names[f"{prefix}{bn}"] = (torch_bn, "bn")
+    def conv_bn(x, filters, kernel, stride, prefix, conv, bn, torch_conv, torch_bn, relu=True):
+        """TF-"same" conv (depthwise if `filters` is None) + BN (+ ReLU6), named as keras.applications names them."""
+        x = torch_port.conv_bn(
+            x, names, f"{prefix}{conv}", f"{prefix}{bn}", torch_conv, torch_bn, filters, kernel, stride, "same",
+            _EPSILON, _MOMENTUM,
+        )  # fmt: skip
         return layers.ReLU(6.0, name=f"{prefix}{bn.replace('bn', 'activation')}")(x) if relu else x
 
     x = conv_bn(input_tensor, 32, 3, 2, "stem_", "conv", "bn", "_conv_stem", "_bn0")
@@ -68,9 +67,8 @@ def efficientnet_lite0(input_tensor, include_top: bool, names: TorchNames, name:
                     f"{torch}._expand_conv", f"{torch}._bn0",
                 )  # fmt: skip
             x = conv_bn(
-                x, None, kernel, stride, prefix, "dwconv", "bn", f"{torch}._depthwise_conv", f"{torch}._bn1",
-                depthwise=True,
-            )  # fmt: skip
+                x, None, kernel, stride, prefix, "dwconv", "bn", f"{torch}._depthwise_conv", f"{torch}._bn1"
+            )
             x = conv_bn(
                 x, channels_out, 1, 1, prefix, "project_conv", "project_bn", f"{torch}._project_conv",
                 f"{torch}._bn2", relu=False,

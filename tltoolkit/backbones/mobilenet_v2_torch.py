@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from tltoolkit.backbones.offline import PinnedCheckpoint
 from tltoolkit.backbones.registry import register_weight_source
+from tltoolkit.backbones import torch_port
 from tltoolkit.backbones.torch_port import TorchNames, torch_weight_source
 
 TORCHVISION = PinnedCheckpoint(
@@ -37,18 +38,15 @@ def mobilenet_v2_torchvision(input_tensor, include_top: bool, names: TorchNames,
     import keras
     from keras import layers
 
-    def conv_bn(x, filters, kernel, stride, prefix, bn_name, torch_conv, torch_bn, depthwise=False, relu=""):
-        """Conv (torch padding) + BN + ReLU6 named `relu` (default `<prefix>_relu`; `None`: no activation)."""
+    def conv_bn(x, filters, kernel, stride, prefix, bn_name, torch_conv, torch_bn, relu=""):
+        """Conv (torch padding; depthwise if `filters` is None) + BN + ReLU6 named `relu` (default `<prefix>_relu`;
+        `None`: no activation)."""
         if kernel > 1 and stride > 1:
             x = layers.ZeroPadding2D(kernel // 2, name=f"{prefix}_pad")(x)
         padding = "valid" if stride > 1 or kernel == 1 else "same"  # stride 1, 3x3: "same" is one pixel each side
-        if depthwise:
-            x = layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=False, name=prefix)(x)
-        else:
-            x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, name=prefix)(x)
-        x = layers.BatchNormalization(epsilon=_EPSILON, momentum=_MOMENTUM, name=bn_name)(x)
-        names[prefix] = (torch_conv, "depthwise" if depthwise else "conv")
-        names[bn_name] = (torch_bn, "bn")
+        x = torch_port.conv_bn(
+            x, names, prefix, bn_name, torch_conv, torch_bn, filters, kernel, stride, padding, _EPSILON, _MOMENTUM
+        )
         if relu is None:
             return x
         return layers.ReLU(6.0, name=relu or f"{prefix}_relu")(x)
@@ -65,7 +63,7 @@ def mobilenet_v2_torchvision(input_tensor, include_top: bool, names: TorchNames,
                     x, channels * t, 1, 1, f"{prefix}expand", f"{prefix}expand_BN", f"{torch}.0.0", f"{torch}.0.1"
                 )
             dw = f"{torch}.1" if t != 1 else f"{torch}.0"
-            x = conv_bn(x, None, 3, stride, f"{prefix}depthwise", f"{prefix}depthwise_BN", f"{dw}.0", f"{dw}.1", True)
+            x = conv_bn(x, None, 3, stride, f"{prefix}depthwise", f"{prefix}depthwise_BN", f"{dw}.0", f"{dw}.1")
             last = (2, 3) if t != 1 else (1, 2)
             x = conv_bn(
                 x, c, 1, 1, f"{prefix}project", f"{prefix}project_BN", f"{torch}.{last[0]}", f"{torch}.{last[1]}",

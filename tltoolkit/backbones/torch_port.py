@@ -30,6 +30,21 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".whl", ".npz")
 TorchNames = dict[str, tuple[str, str]]
 
 
+def conv_bn(x, names: TorchNames, conv: str, bn: str, torch_conv: str, torch_bn: str, filters: int | None, kernel: int,
+            stride: int, padding: str, epsilon: float, momentum: float):
+    """A bias-free convolution (depthwise when `filters` is None) and its BatchNormalization, both PyTorch names
+    recorded in `names`: the building block every port is made of."""
+    from keras import layers
+
+    if filters is None:
+        x = layers.DepthwiseConv2D(kernel, stride, padding=padding, use_bias=False, name=conv)(x)
+    else:
+        x = layers.Conv2D(filters, kernel, stride, padding=padding, use_bias=False, name=conv)(x)
+    names[conv] = (torch_conv, "depthwise" if filters is None else "conv")
+    names[bn] = (torch_bn, "bn")
+    return layers.BatchNormalization(epsilon=epsilon, momentum=momentum, name=bn)(x)
+
+
 def convert(state_dict: dict[str, np.ndarray], names: TorchNames, source: str) -> dict[str, list[np.ndarray]]:
     """Per Keras layer, its weights in Keras order and layout, from a PyTorch state dict.
 
