@@ -73,7 +73,7 @@ def run(
     from tltoolkit.data import prepare_data
     from tltoolkit.data.pipeline import image_dataset
     from tltoolkit.model import build_classifier, check_points
-    from tltoolkit.stages import class_weights
+    from tltoolkit.stages import FeatureSource, class_weights
     from tltoolkit.tracking.models import log_classifier
     from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
 
@@ -96,6 +96,7 @@ def run(
         for part, items in folder.parts.items()
         if part != "train"
     }
+    features = FeatureSource(folder.parts, folder.num_classes, recipe.data, recipe.seed, recipe.backbone.weights)
 
     dataset = folder.root.resolve().name
     recipe_name = recipe.name or "recipe"
@@ -136,7 +137,7 @@ def run(
                 stage_runs[stage.name] = child.info.run_id
                 history, last_eval = _run_stage(
                     client, child.info.run_id, index, recipe, model, backbone, train_ds, eval_ds["val"], folder,
-                    weights, f"{run_name} / {stage.name}", verbose,
+                    weights, f"{run_name} / {stage.name}", verbose, features,
                 )
                 histories.append(history)
                 mlflow.log_metric(f"{stage.name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
@@ -159,7 +160,8 @@ def run(
     return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)
 
 
-def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds, folder, weights, title, verbose):
+def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds, folder, weights, title, verbose,
+               features=None):  # fmt: skip
     """Fits stage `index` inside its (active) child run and logs its params, curves and final evaluation."""
     import mlflow
 
@@ -173,13 +175,14 @@ def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds,
     started = time.perf_counter()
     outcome = fit_stage(
         model, backbone, recipe, stage, train_ds, val_ds, weights,
-        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose,
+        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose, features=features,
     )
     wall = time.perf_counter() - started
     mlflow.log_params({
         "frozen_layers": outcome.trainable.frozen_layers,
         "trainable_backbone_layers": outcome.trainable.trainable_layers,
         "trainable_params": outcome.trainable.trainable_params,
+        "feature_cache": outcome.cached_above or "off",
     })
     summary = {"wall_s": wall, "epochs_run": len(outcome.history)}
     if outcome.best_epoch is not None:
@@ -187,18 +190,21 @@ def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds,
     mlflow.log_metrics(summary)
     history = outcome.history.assign(stage=stage.name)
     log_curves(client, run_id, history, title, "curves.png")
-    evaluation = _evaluate(model, val_ds, folder.parts["val"], folder.class_names)
+    evaluation = _score(outcome.predict_val(), folder.parts["val"], folder.class_names)
     log_evaluation(client, run_id, evaluation, folder.class_names, "final_val")
     print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {evaluation.metrics['accuracy']:.4f}")
     return history, evaluation
 
 
 def _evaluate(model, ds, items, class_names):
+    return _score(model.predict(ds, verbose=0), items, class_names)
+
+
+def _score(probabilities, items, class_names):
     import numpy as np
 
     from tltoolkit.model.metrics import evaluate_probabilities
 
-    probabilities = model.predict(ds, verbose=0)
     return evaluate_probabilities(np.array([label for _, label in items]), probabilities, class_names)
 
 

@@ -56,6 +56,11 @@ class DataConfig(_Section):
     val_split: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out for validation when there is no val/.")
     resize: Literal["squash", "crop", "pad"] = "squash"
     cache: bool = Field(True, description="Keep decoded, resized images in memory after the first epoch.")
+    feature_cache: bool = Field(
+        True,
+        description="A stage that trains only above a frozen prefix, with no augmentation, trains on the prefix's "
+        "outputs computed once instead of running the frozen layers every epoch (same result, much faster).",
+    )
     augment: AugmentConfig = AugmentConfig()
 
 

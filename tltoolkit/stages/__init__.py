@@ -1,9 +1,13 @@
 """Stages: each sets what trains, compiles its own optimizer and schedule, and fits."""
 
+from tltoolkit.stages.features import CACHE, FeatureCache, FeatureSource
 from tltoolkit.stages.optimizers import build_optimizer, current_learning_rate, learning_rate_schedule
 from tltoolkit.stages.runner import StageOutcome, class_weights, compile_for_stage, fit_stage
 
 __all__ = [
+    "CACHE",
+    "FeatureCache",
+    "FeatureSource",
     "StageOutcome",
     "build_optimizer",
     "class_weights",

@@ -14,6 +14,7 @@ from tltoolkit.errors import DataError
 from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
 from tltoolkit.model.metrics import TOP_K
 from tltoolkit.recipe import HeadConfig, Recipe, StageConfig
+from tltoolkit.stages.features import FeatureSource
 from tltoolkit.stages.optimizers import build_optimizer
 
 
@@ -24,6 +25,13 @@ class StageOutcome:
     trainable: TrainableSummary
     best_epoch: int | None  # 0-based epoch whose weights were restored (early stopping), else None.
     stopped_early: bool
+    cached_above: str | None = None  # Trained on cached features above this layer ("head": whole backbone frozen).
+    eval_model: keras.Model | None = None  # Scores `eval_data` (the top model on cached features, else the classifier).
+    eval_data: object = None  # Validation batches for `eval_model`, in file order.
+
+    def predict_val(self) -> np.ndarray:
+        """Validation probabilities of the trained model, in file order (through the cache when it was used)."""
+        return self.eval_model.predict(self.eval_data, verbose=0)
 
 
 def class_weights(head: HeadConfig, labels: list[int], class_names: list[str]) -> dict[int, float] | None:
@@ -62,6 +70,7 @@ def fit_stage(
     class_weight: dict[int, float] | None = None,
     callbacks: list[keras.callbacks.Callback] = (),
     verbose: int | None = None,
+    features: FeatureSource | None = None,
 ) -> StageOutcome:
     """Trains one stage.
 
@@ -75,11 +84,16 @@ def fit_stage(
         class_weight: From `class_weights`.
         callbacks: More callbacks, e.g. `MlflowMetrics`.
         verbose: Keras verbosity. Defaults to a progress bar on a terminal, one line per epoch otherwise.
+        features: Where the frozen prefix's outputs can be cached (see `FeatureSource`). When it serves this stage,
+            the layers above the cut train on cached features: the same batches, updates and weights as training
+            through the frozen layers, without running them every epoch.
     """
     frozen = unfrozen_prefix(backbone, stage.unfreeze, recipe.backbone.freeze)
     summary = set_trainable(model, backbone, frozen, stage.train_bn)
+    cached = features.inputs(model, backbone, frozen, verbose=verbose != 0) if features is not None else None
+    fit_model, train_ds, val_ds = (cached.model, cached.train, cached.val) if cached else (model, train_ds, val_ds)
     steps = int(train_ds.cardinality())
-    compile_for_stage(model, recipe, stage, max(1, steps))
+    compile_for_stage(fit_model, recipe, stage, max(1, steps))
     stage_callbacks = list(callbacks)
     stopper = None
     if stage.early_stopping is not None:
@@ -95,9 +109,10 @@ def fit_stage(
     print(
         f"Stage {stage.name!r}: {stage.epochs} epoch(s), {summary.trainable_layers} backbone layer(s) training "
         f"(first {summary.frozen_layers} of {len(backbone.layers)} frozen), "
-        f"{summary.trainable_params:,} trainable parameters, {stage.optimizer.name} lr={stage.optimizer.learning_rate:g}."
+        f"{summary.trainable_params:,} trainable parameters, {stage.optimizer.name} lr={stage.optimizer.learning_rate:g}"
+        + (f", on cached features below `{cached.cut}`." if cached else ".")
     )
-    fit = model.fit(
+    fit = fit_model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=stage.epochs,
@@ -109,4 +124,7 @@ def fit_stage(
     history = pd.DataFrame(fit.history)
     history.insert(0, "epoch", fit.epoch)
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
-    return StageOutcome(stage.name, history, summary, best, bool(stopper and stopper.stopped_epoch))
+    return StageOutcome(
+        stage.name, history, summary, best, bool(stopper and stopper.stopped_epoch),
+        cached.cut if cached else None, fit_model, val_ds,
+    )  # fmt: skip

@@ -1,0 +1,106 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import tltoolkit
+from conftest import tiny_recipe
+from tltoolkit.data import prepare_data
+from tltoolkit.data.pipeline import image_dataset
+from tltoolkit.model import build_classifier
+from tltoolkit.recipe import load_recipe
+from tltoolkit.stages import FeatureCache, FeatureSource, fit_stage
+from tltoolkit.stages.features import cut_tensors
+
+
+def train_head(image_folder, cached: bool, cache: FeatureCache, **changes):
+    """One head stage from the same seed, through the frozen backbone or on cached features; the trained model."""
+    recipe = load_recipe(tiny_recipe(**changes))
+    keras.utils.set_random_seed(recipe.seed)
+    folder = prepare_data(image_folder, recipe.data.val_split, recipe.seed, progress=False)
+    backbone = tltoolkit.create_backbone("test_tiny", weights="none", input_size=32)
+    model = build_classifier(backbone, folder.class_names, recipe.head)
+    train = image_dataset(folder.parts["train"], 3, recipe.data, training=True, seed=recipe.seed)
+    val = image_dataset(folder.parts["val"], 3, recipe.data, training=False)
+    source = FeatureSource(folder.parts, 3, recipe.data, recipe.seed, "none", cache) if cached else None
+    outcome = fit_stage(model, backbone, recipe, recipe.stages[0], train, val, verbose=0, features=source)
+    return model, outcome
+
+
+@pytest.mark.parametrize("freeze", ["all", "block2_relu"])
+def test_cached_features_train_the_same_head_as_the_frozen_backbone(image_folder, freeze):
+    changes = {
+        "backbone": {"name": "test_tiny", "weights": "none", "freeze": freeze},
+        "head": {"dense": [16], "dropout": 0.0, "l2": 1e-3},
+        "stages": [{"name": "head", "epochs": 3, "optimizer": {"name": "adam", "learning_rate": 1e-2}}],
+    }
+    cache = FeatureCache()
+    plain, plain_outcome = train_head(image_folder, False, cache, **changes)
+    fast, fast_outcome = train_head(image_folder, True, cache, **changes)
+    assert plain_outcome.cached_above is None
+    assert fast_outcome.cached_above == ("head" if freeze == "all" else "block3_conv")
+    assert cache.misses == 1
+    for name in ["head_dense0", "predictions"] + (["block3_conv"] if freeze != "all" else []):
+        layer = plain.get_layer(name) if name.startswith(("head", "pred")) else plain.get_layer("backbone").layer.get_layer(name)
+        other = fast.get_layer(name) if name.startswith(("head", "pred")) else fast.get_layer("backbone").layer.get_layer(name)
+        for a, b in zip(layer.get_weights(), other.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(plain_outcome.history["loss"], fast_outcome.history["loss"], rtol=1e-4)
+    np.testing.assert_allclose(plain_outcome.history["val_accuracy"], fast_outcome.history["val_accuracy"])
+    # The full classifier carries the weights trained on features: it predicts what the top model predicted.
+    np.testing.assert_allclose(fast_outcome.predict_val(), plain_outcome.predict_val(), rtol=1e-4, atol=1e-5)
+
+
+def test_cache_is_shared_and_invalidated_by_weights_data_and_augmentation(image_folder):
+    cache = FeatureCache()
+    recipe = load_recipe(tiny_recipe())
+    folder = prepare_data(image_folder, recipe.data.val_split, recipe.seed, progress=False)
+    backbone = tltoolkit.create_backbone("test_tiny", weights="none", input_size=32)
+    model = build_classifier(backbone, folder.class_names, recipe.head)
+    source = FeatureSource(folder.parts, 3, recipe.data, recipe.seed, "none", cache)
+    frozen = len(backbone.layers)
+    first = source.inputs(model, backbone, frozen, verbose=False)
+    second = source.inputs(build_classifier(backbone, folder.class_names, recipe.head), backbone, frozen, verbose=False)
+    assert (cache.misses, cache.hits) == (1, 1), "a second model on the same frozen backbone reuses the features"
+    assert first.model is not second.model
+
+    layer = backbone.get_layer("block1_conv")
+    layer.kernel.assign(layer.kernel * 1.5)  # e.g. a fine-tune stage changed the prefix
+    source.inputs(model, backbone, frozen, verbose=False)
+    assert cache.misses == 2
+
+    path = folder.parts["train"][0][0]
+    os.utime(path, ns=(0, 0))  # the file changed on disk
+    source.inputs(model, backbone, frozen, verbose=False)
+    assert cache.misses == 3
+
+    augmented = load_recipe(tiny_recipe(data={"image_size": 32, "augment": {"flip": "horizontal"}}))
+    blocked = FeatureSource(folder.parts, 3, augmented.data, 0, "none", cache)
+    assert blocked.inputs(model, backbone, frozen, verbose=False) is None
+    assert "augmentation" in blocked.usable(frozen)
+    assert source.usable(0) == "nothing is frozen"
+    off = load_recipe(tiny_recipe(data={"image_size": 32, "feature_cache": False}))
+    assert "feature_cache" in FeatureSource(folder.parts, 3, off.data, 0).usable(frozen)
+
+
+def test_cut_crosses_residual_connections():
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 1, name="a")(inputs)
+    b = keras.layers.Conv2D(4, 1, name="b")(a)
+    c = keras.layers.Add(name="c")([a, b])
+    backbone = keras.Model(inputs, c)
+    names = [layer.name for layer in backbone.layers]
+    cut = cut_tensors(backbone, names.index("b"))  # `a`'s output feeds both `b` and the add above the cut.
+    assert [t._keras_history.operation.name for t in cut] == ["a"]
+    cut = cut_tensors(backbone, names.index("c"))
+    assert sorted(t._keras_history.operation.name for t in cut) == ["a", "b"]
+
+
+def test_run_uses_the_cache_for_the_head_stage_and_logs_it(image_folder):
+    result = tltoolkit.run(tiny_recipe(tracking={"log_model": False}), image_folder, verbose=0)
+    from mlflow import MlflowClient
+
+    params = {stage: MlflowClient().get_run(rid).data.params for stage, rid in result.stage_runs.items()}
+    assert params["head"]["feature_cache"] == "head"
+    assert params["finetune"]["feature_cache"] == "off"

@@ -1,0 +1,216 @@
+"""The feature cache: a stage that trains only above a frozen prefix trains on the prefix's outputs, computed once.
+
+A frozen prefix in inference mode is a fixed function of the image, so without augmentation before it, running it
+every epoch recomputes the same numbers. `FeatureCache` computes the prefix's outputs for every training and
+validation image once and keeps them in memory, keyed by the data (paths, sizes, mtimes), the backbone, its weights
+(name and a digest of the prefix's current values, so a fine-tuned prefix is never mistaken for a pretrained one),
+the image size, the resize mode and the cut point. The stage then fits a "top" model made of the very layers above
+the cut (the backbone's suffix and the head, weights shared with the full classifier), which trains exactly as the
+full model would: same batches in the same order, same weights, same updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tltoolkit.data.split import Item
+from tltoolkit.model.layers import InferenceMode
+from tltoolkit.recipe import DataConfig
+
+# Above this many bytes of features, train through the backbone instead (a note says so).
+MAX_BYTES = int(float(os.environ.get("TLTOOLKIT_FEATURE_CACHE_MAX_GB", "4")) * 2**30)
+
+
+def cut_tensors(backbone: keras.Model, frozen: int) -> list:
+    """The tensors that cross the cut between the first `frozen` layers and the rest, in layer order."""
+    prefix = {id(layer) for layer in backbone.layers[:frozen]}
+    cut: list = []
+    for layer in backbone.layers[frozen:]:
+        if not layer._inbound_nodes:
+            continue
+        for tensor in layer._inbound_nodes[0].input_tensors:  # The node made when the backbone was built.
+            if id(tensor._keras_history.operation) in prefix and not any(tensor is seen for seen in cut):
+                cut.append(tensor)
+    return cut
+
+
+def prefix_digest(backbone: keras.Model, frozen: int) -> str:
+    """A digest of the frozen prefix's current weights (a few ms), so changed weights never reuse stale features."""
+    digest = hashlib.blake2b(digest_size=16)
+    for layer in backbone.layers[:frozen]:
+        for weight in layer.weights:
+            digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
+
+
+def data_digest(items: list[Item]) -> str:
+    """Paths, labels, sizes and modification times: a changed, added or removed file changes the key."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, label in items:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class FeatureCache:
+    """Prefix outputs in memory, shared by every stage and every trial of this process (least recently used first out).
+
+    Args:
+        max_entries: How many (data, backbone, weights, size, cut) entries to keep.
+    """
+
+    max_entries: int = 4
+    entries: dict[tuple, dict[str, tuple[np.ndarray, ...]]] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+    def get(self, key: tuple, compute) -> dict[str, tuple[np.ndarray, ...]]:
+        if key in self.entries:
+            self.hits += 1
+            self.entries[key] = self.entries.pop(key)  # Most recently used last.
+            return self.entries[key]
+        self.misses += 1
+        value = compute()
+        self.entries[key] = value
+        while len(self.entries) > self.max_entries:
+            self.entries.pop(next(iter(self.entries)))
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.hits = self.misses = 0
+
+
+CACHE = FeatureCache()
+
+
+@dataclass
+class CachedInputs:
+    """What a stage fits on when its frozen prefix is cached."""
+
+    model: keras.Model  # The layers above the cut (shared with the full classifier), from features to probabilities.
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    cut: str  # The first layer above the cut, or "head" when the whole backbone is frozen.
+
+
+@dataclass
+class FeatureSource:
+    """The labelled images a run trains on, able to serve any stage's frozen prefix as cached features.
+
+    Args:
+        parts: `{"train": items, "val": items}` from `prepare_data`.
+        num_classes: Width of the one-hot labels.
+        data: The recipe's `data` section (image size, resize, batch size, augmentation, `feature_cache`).
+        seed: The training shuffle's seed (the same as the image pipeline's, so batches match).
+        weights_label: The backbone's weight source as the recipe names it (part of the key, for readability).
+        cache: Where features live. Defaults to the process-wide `CACHE`.
+    """
+
+    parts: dict[str, list[Item]]
+    num_classes: int
+    data: DataConfig
+    seed: int
+    weights_label: str = ""
+    cache: FeatureCache = field(default_factory=lambda: CACHE)
+
+    def usable(self, frozen: int) -> str | None:
+        """Why the cache cannot serve a stage with `frozen` leading layers frozen, or `None` if it can."""
+        if not self.data.feature_cache:
+            return "data.feature_cache is off"
+        if frozen == 0:
+            return "nothing is frozen"
+        if self.data.augment.enabled:
+            return "augmentation runs before the frozen layers"
+        return None
+
+    def inputs(self, model: keras.Model, backbone: keras.Model, frozen: int, verbose: bool = True) -> CachedInputs | None:
+        """Cached features and the top model for a stage whose first `frozen` backbone layers are frozen, or `None`."""
+        if self.usable(frozen) is not None:
+            return None
+        whole = frozen >= len(backbone.layers)
+        cut = [backbone.output] if whole else cut_tensors(backbone, frozen)
+        per_image = sum(int(np.prod(t.shape[1:])) * 4 for t in cut)
+        total = per_image * sum(len(self.parts[p]) for p in ("train", "val"))
+        if total > MAX_BYTES:
+            print(f"Feature cache: {total / 2**30:.1f} GiB of features at this cut exceed the "
+                  f"{MAX_BYTES / 2**30:.0f} GiB limit (TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.")  # fmt: skip
+            return None
+        key = (
+            data_digest(self.parts["train"]), data_digest(self.parts["val"]), backbone.name, self.weights_label,
+            prefix_digest(backbone, frozen), self.data.image_size, self.data.resize, frozen,
+        )  # fmt: skip
+        above = "head" if whole else backbone.layers[frozen].name
+
+        def compute():
+            extractor = keras.Model(backbone.inputs, cut, name=f"{backbone.name}_prefix")
+            return {
+                part: _extract(extractor, self.parts[part], self.data, f"{part} images below `{above}`", verbose)
+                for part in ("train", "val")
+            }
+
+        features = self.cache.get(key, compute)
+        top = _top_model(model, backbone, cut, whole)
+        train = _feature_dataset(features["train"], self.parts["train"], self.num_classes, self.data.batch_size,
+                                 shuffle_seed=self.seed)  # fmt: skip
+        val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
+        return CachedInputs(top, train, val, above)
+
+
+def _extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
+    """Runs `extractor` over `items` in file order, with progress; a tuple of arrays, one per cut tensor."""
+    from tltoolkit.data.pipeline import image_dataset
+
+    ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False)
+    steps = int(ds.cardinality())
+    outputs: list[list[np.ndarray]] = []
+    bar = keras.utils.Progbar(len(items), unit_name="image", verbose=1) if verbose and sys.stdout.isatty() else None
+    started = last = time.perf_counter()
+    if verbose:
+        print(f"Feature cache: computing the frozen layers' outputs for {len(items)} {what} (once)...")
+    done = 0
+    for step, (images, _) in enumerate(ds):
+        result = extractor(images, training=False)
+        result = result if isinstance(result, (list, tuple)) else [result]
+        outputs.append([keras.ops.convert_to_numpy(r) for r in result])
+        done += int(images.shape[0])
+        if bar is not None:
+            bar.update(done)
+        elif verbose and (time.perf_counter() - last > 10 or step == steps - 1):
+            last = time.perf_counter()
+            print(f"  {done}/{len(items)} images, {done / (last - started):.1f} images/s")
+    return tuple(np.concatenate([batch[i] for batch in outputs]) for i in range(len(outputs[0])))
+
+
+def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: int, shuffle_seed: int | None = None):
+    """Batches of `(features, one-hot labels)`; with a seed, reshuffled each epoch exactly as `image_dataset` does."""
+    labels = np.array([label for _, label in items], dtype=np.int32)
+    x = features[0] if len(features) == 1 else tuple(features)
+    ds = tf.data.Dataset.from_tensor_slices((x, labels))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(items), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    return ds.map(lambda f, y: (f, tf.one_hot(y, num_classes))).prefetch(tf.data.AUTOTUNE)
+
+
+def _top_model(model: keras.Model, backbone: keras.Model, cut: list, whole: bool) -> keras.Model:
+    """Features -> (backbone layers above the cut, in inference mode) -> the classifier's head, weights shared."""
+    inputs = [keras.Input(shape=t.shape[1:], name=f"features{i}") for i, t in enumerate(cut)]
+    if whole:
+        x = inputs[0]
+    else:
+        suffix = keras.Model(cut, backbone.output, name=f"{backbone.name}_suffix")
+        x = InferenceMode(suffix, name="backbone_suffix")(inputs[0] if len(inputs) == 1 else inputs)
+    names = [layer.name for layer in model.layers]
+    for layer in model.layers[names.index("backbone") + 1:]:
+        x = layer(x)
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, x, name=f"{model.name}_top")
