@@ -8,6 +8,7 @@ Example:
 
 from tltoolkit.backbones import BackboneCfg, create_backbone, get_backbone_cfg, list_backbones, register_backbone
 from tltoolkit.commands.run import RunResult, run
+from tltoolkit.commands.tune import TuneResult, tune
 from tltoolkit.errors import TltoolkitError
 from tltoolkit.recipe import Recipe, load_recipe
 
@@ -18,10 +19,12 @@ __all__ = [
     "Recipe",
     "RunResult",
     "TltoolkitError",
+    "TuneResult",
     "create_backbone",
     "get_backbone_cfg",
     "list_backbones",
     "load_recipe",
     "register_backbone",
     "run",
+    "tune",
 ]

@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a classifier as a recipe says (head stage, then fine-tune)")
     _add_run_flags(run)
 
+    tune = sub.add_parser(
+        "tune", help="keras-tuner search over the recipe's `search.space`; every trial an MLflow child run; resumable"
+    )
+    _add_run_flags(tune)
+    tune.add_argument("--overwrite", action="store_true", help="start the search over instead of resuming it")
+    tune.add_argument("--then-run", action="store_true", help="then train and log the final model from the best recipe")
+    tune.add_argument(
+        "--distributed", choices=["chief", "worker"],
+        help="keras-tuner's distributed search: one chief serves the oracle, workers run the trials",
+    )  # fmt: skip
+    tune.add_argument("--oracle-address", metavar="HOST:PORT", help="the chief's address (with --distributed)")
+    tune.add_argument("--worker-id", help="a name for this worker (default: its process id)")
+
     demo = sub.add_parser("demo", help="write the built-in digits dataset and run recipes/quickstart.yaml on it")
     demo.add_argument("--out", default="data/digits", help="where the demo images go (default: data/digits)")
     demo.add_argument("--recipe", default="recipes/quickstart.yaml")
@@ -126,6 +139,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tltoolkit.commands.run import run
 
         run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment)
+    elif args.command == "tune":
+        from tltoolkit.commands.tune import tune
+
+        tune(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment,
+             overwrite=args.overwrite, then_run=args.then_run, distributed=args.distributed,
+             oracle_address=args.oracle_address, worker_id=args.worker_id)  # fmt: skip
     elif args.command == "demo":
         from tltoolkit.commands.run import run
         from tltoolkit.data.demo import write_digits

@@ -86,7 +86,7 @@ def run(
     check_points(backbone, recipe.backbone.freeze, recipe.stages)
 
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
-    _print_data_summary(folder)
+    print_data_summary(folder)
     train_items = folder.parts["train"]
     weights = class_weights(recipe.head, [label for _, label in train_items], folder.class_names)
     model = build_classifier(backbone, folder.class_names, recipe.head)
@@ -190,17 +190,17 @@ def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds,
     mlflow.log_metrics(summary)
     history = outcome.history.assign(stage=stage.name)
     log_curves(client, run_id, history, title, "curves.png")
-    evaluation = _score(outcome.predict_val(), folder.parts["val"], folder.class_names)
+    evaluation = score(outcome.predict_val(), folder.parts["val"], folder.class_names)
     log_evaluation(client, run_id, evaluation, folder.class_names, "final_val")
     print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {evaluation.metrics['accuracy']:.4f}")
     return history, evaluation
 
 
 def _evaluate(model, ds, items, class_names):
-    return _score(model.predict(ds, verbose=0), items, class_names)
+    return score(model.predict(ds, verbose=0), items, class_names)
 
 
-def _score(probabilities, items, class_names):
+def score(probabilities, items, class_names):
     import numpy as np
 
     from tltoolkit.model.metrics import evaluate_probabilities
@@ -208,7 +208,7 @@ def _score(probabilities, items, class_names):
     return evaluate_probabilities(np.array([label for _, label in items]), probabilities, class_names)
 
 
-def _print_data_summary(folder) -> None:
+def print_data_summary(folder) -> None:
     counts = folder.counts()
     print(f"Data {folder.root}: {folder.num_classes} classes, " + ", ".join(f"{p} {int(counts[p].sum())}" for p in counts))
     print(counts.to_string())

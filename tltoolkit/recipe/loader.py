@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -145,6 +146,10 @@ def _describe(exc: ValidationError, label: str, text: str | None, origins: dict[
     lines = [f"{label} is not a valid recipe ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''}):"]
     for error in exc.errors():
         loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal["))]
+        message = error["msg"].removeprefix("Value error, ").rstrip(".")
+        space = _SPACE_PATH.match(message)
+        if not loc and space:  # A search-space problem found with the whole recipe in view: point at its entry.
+            loc, message = ["search", "space", space.group(1)], space.group(2)
         dotted = ".".join(loc) or "(top level)"
         where = ""
         origin = next((o for key, o in origins.items() if dotted == key or dotted.startswith(key + ".")), None)
@@ -154,7 +159,6 @@ def _describe(exc: ValidationError, label: str, text: str | None, origins: dict[
             line = _line_of(node, loc)
             if line:
                 where = f" (line {line})"
-        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             allowed = _allowed_fields(loc[:-1])
             hint = difflib.get_close_matches(loc[-1], allowed, n=1)
@@ -166,6 +170,9 @@ def _describe(exc: ValidationError, label: str, text: str | None, origins: dict[
         shown = f" = {value!r}" if not isinstance(value, (dict, list)) else ""
         lines.append(f"  - `{dotted}`{shown}{where}: {message}.")
     return "\n".join(lines)
+
+
+_SPACE_PATH = re.compile(r"^search\.space\.`([^`]+)`: (.*)$", re.DOTALL)
 
 
 def _allowed_fields(loc: list[str]) -> list[str]:

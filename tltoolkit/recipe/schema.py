@@ -178,6 +178,92 @@ class TrackingConfig(_Section):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+class HyperparameterSpec(_Section):
+    """One searched recipe field. Its default is always the recipe's own value at that path.
+
+    `int`/`float`: `min`, `max`, optional `step`, `sampling` (`linear`, `log`, `reverse_log`). `choice`: `values`
+    (numbers, strings, lists such as `[[], [256]]` for `head.dense`, or a mix). `boolean`: no options.
+    """
+
+    type: Literal["int", "float", "choice", "boolean"]
+    min: float | None = None
+    max: float | None = None
+    step: float | None = Field(None, gt=0.0, description="Grid step (with log sampling: a factor > 1).")
+    sampling: Literal["linear", "log", "reverse_log"] = "linear"
+    values: list[Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_choice(cls, value: Any) -> Any:
+        return {"type": "choice", "values": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HyperparameterSpec:
+        ranged = self.type in ("int", "float")
+        if ranged:
+            if self.min is None or self.max is None:
+                raise ValueError(f"a {self.type} hyperparameter needs `min` and `max`")
+            if not self.min < self.max:
+                raise ValueError(f"`min` ({self.min:g}) must be below `max` ({self.max:g})")
+            if self.sampling != "linear" and self.min <= 0:
+                raise ValueError(f"{self.sampling} sampling needs `min` > 0, got {self.min:g}")
+            if self.sampling != "linear" and self.step is not None and self.step <= 1:
+                raise ValueError("with log sampling `step` is a factor and must be > 1, e.g. 10")
+            if self.type == "int" and any(v is not None and v != int(v) for v in (self.min, self.max, self.step)):
+                raise ValueError("an int hyperparameter needs whole-number `min`, `max` and `step`")
+        elif self.min is not None or self.max is not None or self.step is not None or self.sampling != "linear":
+            raise ValueError(f"`min`, `max`, `step` and `sampling` apply to int and float, not to {self.type}")
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty list of `values`")
+            if len({repr(v) for v in self.values}) != len(self.values):
+                raise ValueError(f"choice values repeat: {self.values}")
+        elif self.values is not None:
+            raise ValueError(f"`values` applies to choice, not to {self.type}")
+        return self
+
+
+# Objectives: the final model's scores on the validation part (a trial's result is what it would deliver).
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_top5_accuracy": "max"}
+
+
+class SearchConfig(_Section):
+    """A keras-tuner search over recipe fields (`tltoolkit tune`)."""
+
+    tuner: Literal["random", "bayesian", "hyperband", "grid"] = "random"
+    objective: str = Field("val_accuracy", description=f"One of {', '.join(OBJECTIVES)}: the final model's score.")
+    direction: Literal["max", "min"] | None = Field(None, description="Defaults to the objective's natural one.")
+    max_trials: int = Field(10, ge=1, le=100_000, description="Trials to finish (hyperband: an upper bound).")
+    executions_per_trial: int = Field(1, ge=1, le=100, description="Runs per trial with seeds seed, seed+1...; mean.")
+    seed: int | None = Field(None, ge=0, description="The tuner's seed. Defaults to the recipe's seed.")
+    max_epochs: int | None = Field(
+        None, ge=1, description="Hyperband: the full budget, in total stage epochs. Defaults to the recipe's total."
+    )
+    factor: int = Field(3, ge=2, description="Hyperband's reduction factor.")
+    directory: str = Field("tuning", description="Where the search's state lives (for resuming).")
+    name: str | None = Field(None, description="The search's folder under `directory`. Defaults to the recipe name.")
+    space: dict[str, HyperparameterSpec] = Field(min_length=1, description="Dotted recipe path -> hyperparameter.")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+        return value
+
+    @property
+    def objective_direction(self) -> str:
+        return self.direction or OBJECTIVES[self.objective]
+
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> SearchConfig:
+        if self.tuner == "grid":
+            open_ended = [path for path, hp in self.space.items() if hp.type == "float" and hp.step is None]
+            if open_ended:
+                raise ValueError(f"a grid search needs a `step` for every float hyperparameter; add one to {open_ended}")
+        return self
+
+
 class Recipe(_Section):
     """A complete, validated recipe. Build it with `tltoolkit.recipe.load_recipe`."""
 
@@ -188,8 +274,8 @@ class Recipe(_Section):
     head: HeadConfig = HeadConfig()
     stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1)
     tracking: TrackingConfig = TrackingConfig()
-    # Reserved for hyperparameter search and autoencoder pretraining (later versions).
-    search: Any = None
+    search: SearchConfig | None = Field(None, description="What `tltoolkit tune` searches; `run` ignores it.")
+    # Reserved for autoencoder pretraining (a later version).
     pretrain: Any = None
 
     @field_validator("stages")
@@ -201,7 +287,7 @@ class Recipe(_Section):
             raise ValueError(f"stage names must be unique, but {duplicates} repeat; rename one, e.g. `finetune2`")
         return stages
 
-    @field_validator("search", "pretrain")
+    @field_validator("pretrain")
     @classmethod
     def _not_yet(cls, value: Any, info) -> Any:
         if value is not None:
@@ -209,6 +295,14 @@ class Recipe(_Section):
                 f"the `{info.field_name}` section is not supported by this version of tltoolkit; remove it"
             )
         return value
+
+    @model_validator(mode="after")
+    def _search_paths_exist(self) -> Recipe:
+        if self.search is not None:
+            from tltoolkit.recipe.space import check_space
+
+            check_space(self)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in."""

@@ -17,15 +17,17 @@ class MlflowMetrics(keras.callbacks.Callback):
     Args:
         run_id: The MLflow run to log to (the stage's child run).
         client: Defaults to a client on the current tracking URI.
+        prefix: Put before every key, e.g. `"head/"` when several stages log into one run (a search trial).
 
     Each epoch is logged with `step=epoch` (0-based, as Keras counts) in one batch call. The callback keeps every
     epoch's logs in `history` (reset in `on_train_begin`, so it can be reused).
     """
 
-    def __init__(self, run_id: str, client: MlflowClient | None = None):
+    def __init__(self, run_id: str, client: MlflowClient | None = None, prefix: str = ""):
         super().__init__()
         self.run_id = run_id
         self.client = client or MlflowClient()
+        self.prefix = prefix
         self.history: list[dict[str, float]] = []
 
     def on_train_begin(self, logs=None):
@@ -36,6 +38,6 @@ class MlflowMetrics(keras.callbacks.Callback):
         values["learning_rate"] = current_learning_rate(self.model.optimizer)
         now = int(time.time() * 1000)
         self.client.log_batch(
-            self.run_id, metrics=[Metric(key, value, now, epoch) for key, value in sorted(values.items())]
+            self.run_id, metrics=[Metric(self.prefix + key, value, now, epoch) for key, value in sorted(values.items())]
         )
         self.history.append({"epoch": epoch, **values})

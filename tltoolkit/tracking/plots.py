@@ -54,3 +54,61 @@ def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str = ""
     )
     ax.set_title(title)
     return fig
+
+
+def hyperparameter_importance(trials: pd.DataFrame, objective: str, paths: list[str]) -> pd.Series:
+    """How much of the objective's spread each hyperparameter explains, in [0, 1], largest first.
+
+    Numbers: the squared Spearman rank correlation. Anything else (choices, booleans): the share of the objective's
+    variance explained by the value's group means (eta squared). A rough guide on few trials, not a test.
+    """
+    y = pd.to_numeric(trials[objective], errors="coerce")
+    scores = {}
+    for path in paths:
+        if path not in trials or trials[path].nunique(dropna=True) < 2 or y.var() == 0:
+            scores[path] = 0.0
+            continue
+        column = trials[path]
+        numeric = pd.to_numeric(column, errors="coerce")
+        if numeric.notna().all() and column.map(lambda v: not isinstance(v, bool)).all():
+            scores[path] = float(numeric.corr(y, method="spearman") ** 2)
+        else:
+            means = y.groupby(column.astype(str)).transform("mean")
+            scores[path] = float(((means - y.mean()) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    return pd.Series(scores, dtype=float).fillna(0.0).sort_values(ascending=False)
+
+
+def search_figure(trials: pd.DataFrame, objective: str, direction: str, paths: list[str], top: int = 3) -> plt.Figure:
+    """The objective per trial (with the best so far), and against the `top` most important hyperparameters."""
+    trials = trials.reset_index(drop=True)
+    y = pd.to_numeric(trials[objective], errors="coerce")
+    importance = hyperparameter_importance(trials, objective, paths).head(top)
+    fig, axes = plt.subplots(1, 1 + len(importance), figsize=(4.5 * (1 + len(importance)), 4), constrained_layout=True,
+                             squeeze=False)  # fmt: skip
+    ax = axes[0][0]
+    order = np.arange(len(trials))
+    best = y.cummax() if direction == "max" else y.cummin()
+    ax.plot(order, y, "o", label=objective)
+    ax.step(order, best, where="post", label="best so far")
+    ax.set_xticks(order, trials["trial"].astype(str), rotation=90 if len(order) > 12 else 0)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(objective)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    for ax, (path, share) in zip(axes[0][1:], importance.items()):
+        column = trials[path]
+        numeric = pd.to_numeric(column, errors="coerce")
+        if numeric.notna().all() and column.map(lambda v: not isinstance(v, bool)).all():
+            ax.plot(numeric, y, "o")
+            positive = (numeric > 0).all() and numeric.max() / max(numeric.min(), 1e-30) >= 100
+            if positive:
+                ax.set_xscale("log")
+        else:
+            labels = sorted(column.astype(str).unique())
+            ax.plot([labels.index(v) for v in column.astype(str)], y, "o")
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_xlabel(path)
+        ax.set_title(f"explains {share:.0%} of the spread", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Search: {objective} ({direction}) over {len(trials)} trials")
+    return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,6 +38,27 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialises the first touch of a SQLite store across processes (MLflow creates and migrates its tables then,
+    and two processes doing it at once fail), and the creation of an experiment. Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; concurrent first use there is the user's to avoid.
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def connect(uri: str, experiment: str) -> str:
     """Points MLflow at `uri`, checks that it answers, and returns the id of `experiment` (created if needed).
 
@@ -62,10 +84,11 @@ def connect(uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)
     try:
-        found = mlflow.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        return mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+        with _store_lock(uri):
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is not None:
+                return found.experiment_id
+            return mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
     except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy) for one cause.
         raise TrackingError(
             f"The MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "

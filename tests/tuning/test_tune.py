@@ -1,0 +1,198 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+import tltoolkit
+from conftest import tiny_recipe
+from tltoolkit.errors import RecipeError
+from tltoolkit.recipe import load_recipe
+
+SPACE = {
+    "head.dropout": {"type": "float", "min": 0.0, "max": 0.5},
+    "stages.0.optimizer.learning_rate": {"type": "float", "min": 1e-3, "max": 1e-1, "sampling": "log"},
+    "head.dense": [[], [16]],
+}
+
+
+def search_recipe(max_trials=3, space=SPACE, **search) -> dict:
+    recipe = tiny_recipe(tracking={"log_model": False})
+    recipe["search"] = {"tuner": "random", "max_trials": max_trials, "space": space, **search}
+    return recipe
+
+
+def runs_of(client, parent_id):
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
+    result = tltoolkit.tune(search_recipe(), image_folder, verbose=0, then_run=True)
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["tltoolkit.kind"] == "tune" and parent.info.status == "FINISHED"
+    assert parent.data.params["space.head.dropout"] == "float [0, 0.5]"
+    children = [r for r in runs_of(client, result.parent_run_id) if r.data.tags.get("tltoolkit.kind") == "trial"]
+    assert sorted(r.data.tags["tltoolkit.trial"] for r in children) == ["0", "1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert set(SPACE) <= set(child.data.params)
+        assert "val_accuracy" in child.data.metrics and "objective" in child.data.metrics
+        for stage, epochs in (("head", 2), ("finetune", 1)):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, f"{stage}/val_accuracy")]
+            assert steps == list(range(epochs)), "every stage's every epoch, once"
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"curves.png", "recipe.yaml", "evaluation"} <= artifacts
+
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "search.png", "best_recipe.yaml", "best_trial.json", "recipe.yaml"} <= artifacts
+    best_trial = parent.data.tags["tltoolkit.best_trial"]
+    best_child = next(c for c in children if c.data.tags["tltoolkit.trial"] == best_trial)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(max(c.data.metrics["val_accuracy"] for c in children))
+    assert best_child.data.metrics["val_accuracy"] == pytest.approx(result.best_objective)
+    best_yaml = Path(client.download_artifacts(result.parent_run_id, "best_recipe.yaml"))
+    best = load_recipe(best_yaml)
+    assert best.search is None and best.head.dropout == pytest.approx(result.best_values["head.dropout"])
+    assert best.head.dense == result.best_values["head.dense"]
+    assert len(result.trials) == 3 and result.trials["run_id"].notna().all()
+
+    final = client.get_run(result.final_run.run_id)
+    assert final.data.tags["tltoolkit.tune_run"] == result.parent_run_id
+    assert parent.data.tags["tltoolkit.final_run"] == result.final_run.run_id
+
+
+def test_a_changed_space_on_resume_is_an_error_unless_overwrite(image_folder):
+    first = tltoolkit.tune(search_recipe(max_trials=1), image_folder, verbose=0)
+    again = tltoolkit.tune(search_recipe(max_trials=2), image_folder, verbose=0)  # more trials: resumes
+    assert again.parent_run_id == first.parent_run_id and len(again.trials) == 2
+    changed = search_recipe(max_trials=2, space={**SPACE, "head.dropout": {"type": "float", "min": 0.0, "max": 0.4}})
+    with pytest.raises(RecipeError, match=r"different search space.*--overwrite"):
+        tltoolkit.tune(changed, image_folder, verbose=0)
+    fresh = tltoolkit.tune(changed, image_folder, verbose=0, overwrite=True)
+    assert fresh.parent_run_id != first.parent_run_id and len(fresh.trials) == 2
+
+
+def test_bad_freeze_point_in_the_space_fails_before_any_trial(image_folder):
+    recipe = search_recipe(space={"stages.1.unfreeze": ["all", "block9_conv"]})
+    with pytest.raises(RecipeError, match=r"block9_conv.*does not fit backbone test_tiny"):
+        tltoolkit.tune(recipe, image_folder, verbose=0)
+    assert not MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    with pytest.raises(RecipeError, match="no `search` section"):
+        tltoolkit.tune(tiny_recipe(), image_folder)
+
+
+def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
+    grid = search_recipe(space={"head.dense": [[], [16]], "head.pooling": ["avg", "max"]}, tuner="grid", max_trials=10)
+    result = tltoolkit.tune(grid, image_folder, verbose=0)
+    assert len(result.trials) == 4, "a grid of 2 x 2 ends after 4 trials"
+    hyper = search_recipe(space={"head.dense": [[], [16]]}, tuner="hyperband", factor=3, max_trials=2)
+    hyper["search"]["name"] = "hyper"
+    result = tltoolkit.tune(hyper, image_folder, verbose=0)
+    assert len(result.trials) == 2 and "epochs_budget" in result.trials
+
+
+# --- Processes: a real SIGKILL, then the same command resumes; a chief and two workers on loopback. ---
+
+def cli(*args, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT,
+                            env=env)  # fmt: skip
+
+
+def wait_until(condition, process, timeout=120.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (rc {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def trial_runs(client, name):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string=f"tags.`tltoolkit.search` = '{name}'")
+    runs = [r for p in parents for r in runs_of(client, p.info.run_id)]
+    return parents, runs
+
+
+def test_search_killed_in_trial_0_and_in_a_later_trial_resumes_with_the_same_command(image_folder, tmp_path):
+    recipe = search_recipe(max_trials=3)
+    recipe["stages"][0]["epochs"] = 3
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    log = tmp_path / "tune.log"
+    command = ("tune", str(path), "--data", str(image_folder))
+    client = MlflowClient()
+    project = tmp_path / "tuning" / "tiny"
+
+    process = cli(*command, log=log)  # Killed as soon as trial 0 starts.
+    wait_until(lambda: (project / "trial_0" / "trial.json").exists(), process, what="trial 0 to start")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    def trial_1_mid_stage():
+        _, runs = trial_runs(client, "tiny")
+        live = [r for r in runs if r.data.tags.get("tltoolkit.trial") == "1" and r.info.status == "RUNNING"]
+        return any(client.get_metric_history(r.info.run_id, "head/loss") for r in live)
+
+    process = cli(*command, log=log)  # Killed in trial 1, after its first epoch was logged.
+    wait_until(trial_1_mid_stage, process, what="trial 1's first epoch")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    process = cli(*command, log=log)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    parents, runs = trial_runs(client, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", "one parent run, continued each time"
+    tagged = [r for r in runs if "tltoolkit.trial" in r.data.tags]
+    assert sorted(r.data.tags["tltoolkit.trial"] for r in tagged) == ["0", "1", "2"]
+    for run in tagged:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "head/loss")]
+        assert steps == [0, 1, 2], f"trial {run.data.tags['tltoolkit.trial']} logged epochs {steps}"
+    interrupted = [r for r in runs if "tltoolkit.interrupted_trial" in r.data.tags]
+    assert "1" in {r.data.tags["tltoolkit.interrupted_trial"] for r in interrupted}
+    assert all(r.info.status == "KILLED" for r in interrupted)
+    oracle = json.loads((project / "oracle.json").read_text())
+    assert sorted(oracle["end_order"]) == ["0", "1", "2"] and not oracle["ongoing_trials"]
+    assert "Resuming search 'tiny'" in log.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_chief_and_two_workers_run_every_trial_once(image_folder, tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search_recipe(max_trials=4)))
+    address = f"127.0.0.1:{free_port()}"
+    base = ("tune", str(path), "--data", str(image_folder), "--oracle-address", address)
+    chief = cli(*base, "--distributed", "chief", log=tmp_path / "chief.log")
+    workers = [cli(*base, "--distributed", "worker", "--worker-id", f"w{i}", log=tmp_path / f"w{i}.log") for i in (1, 2)]
+    try:
+        for i, worker in enumerate(workers, start=1):
+            assert worker.wait(timeout=400) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+        assert chief.wait(timeout=120) == 0, (tmp_path / "chief.log").read_text()[-3000:]
+    finally:
+        for process in [chief, *workers]:
+            if process.poll() is None:
+                process.kill()
+    client = MlflowClient()
+    parents, runs = trial_runs(client, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["trials_completed"] == 4
+    tagged = [r for r in runs if "tltoolkit.trial" in r.data.tags]
+    assert sorted(r.data.tags["tltoolkit.trial"] for r in tagged) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in tagged)
+    assert {r.data.tags["tltoolkit.tuner_id"] for r in tagged} <= {"worker-w1", "worker-w2"}
