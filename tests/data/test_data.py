@@ -108,6 +108,28 @@ def test_resize_modes(tmp_path, mode, expected):
         assert array[0, 0].tolist() == [255, 255, 255]
 
 
+@pytest.mark.parametrize("shape", [(37, 53), (300, 200), (10, 7)])
+def test_bilinear_interpolation_is_tf_image_resize(tmp_path, shape):
+    import tensorflow as tf
+
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(pixels).save(path)
+    ours = load_image_array(path, 24, "squash", "bilinear").astype(int)
+    keras_way = np.rint(tf.image.resize(pixels, (24, 24), method="bilinear").numpy()).astype(int)
+    assert np.abs(ours - keras_way).max() <= 1, "as image_dataset_from_directory resizes"
+    antialiased = load_image_array(path, 24, "squash", "antialiased").astype(int)
+    if shape[0] > 48:
+        assert np.abs(antialiased - keras_way).mean() > 5, "shrinking with antialiasing smooths; the two differ"
+    for mode in ("crop", "pad"):
+        assert load_image_array(path, 24, mode, "bilinear").shape == (24, 24, 3)
+    wide = np.full((10, 30, 3), 255, np.uint8)
+    Image.fromarray(wide).save(path)
+    padded = load_image_array(path, 6, "pad", "bilinear")
+    assert padded[0, 0].tolist() == [0, 0, 0] and padded[3, 3].tolist() == [255, 255, 255]
+    assert load_image_array(path, 6, "crop", "bilinear")[0, 0].tolist() == [255, 255, 255]
+
+
 def test_pipeline_batches_float_pixels_and_one_hot_labels(image_folder):
     folder = prepare_data(image_folder, progress=False)
     config = DataConfig(image_size=16, batch_size=4)

@@ -17,7 +17,8 @@ def finished(tmp_path_factory):
     data = write_images(root / "images", per_class=8)
     (data / "red" / "broken.jpg").write_text("not a jpeg")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
-    recipe = tiny_recipe(tracking={"experiment": "tracked", "tags": {"team": "vision"}})
+    recipe = tiny_recipe(tracking={"experiment": "tracked", "tags": {"team": "vision"}},
+                         data={"image_size": 32, "batch_size": 8, "val_split": 0.25, "interpolation": "bilinear"})
     result = tltoolkit.run(recipe, data, tracking_uri=uri, verbose=0)
     return result, uri, data
 
@@ -89,6 +90,7 @@ def test_logged_model_reloads_and_predicts_like_the_trained_model(finished, clie
     assert signature.shape == (-1, 32, 32, 3) and signature.type == np.dtype("float32")
     loaded = load_classifier(result.run_id)
     assert loaded.class_names == result.class_names == ["blue", "green", "red"]
+    assert (loaded.resize, loaded.interpolation) == ("squash", "bilinear"), "read images as in training"
     np.testing.assert_allclose(loaded.model.predict(pixels, verbose=0), expected, atol=1e-5)
 
 

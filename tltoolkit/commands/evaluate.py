@@ -46,7 +46,8 @@ def evaluate(
     items, skipped = labelled_images(data, loaded.class_names)
     for item in skipped:
         print(f"Skipped {item.path}: {item.reason}")
-    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, batch_size=batch_size, cache=False)
+    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, interpolation=loaded.interpolation,
+                        batch_size=batch_size, cache=False)
     probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
     evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
     print(f"Evaluated {len(items)} images of {data} with {model}:")

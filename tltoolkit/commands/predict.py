@@ -44,7 +44,8 @@ def predict(
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     loaded = load_classifier(model)
     images = _readable_images(paths)
-    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, batch_size=batch_size, cache=False)
+    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, interpolation=loaded.interpolation,
+                        batch_size=batch_size, cache=False)
     probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
     return _top_k_table(images, probabilities, loaded.class_names, top_k, output)
 

@@ -154,7 +154,8 @@ def run(
         model_uri = None
         if recipe.tracking.log_model:
             print("Logging the model to MLflow...")
-            model_uri = log_classifier(model, folder.class_names, recipe.data.resize, dump_recipe(recipe))
+            model_uri = log_classifier(model, folder.class_names, recipe.data.resize, dump_recipe(recipe),
+                                       recipe.data.interpolation)  # fmt: skip
 
     _print_done(parent_id, experiment_name, uri, metrics)
     return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)

@@ -30,9 +30,11 @@ def build_augmenter(augment: AugmentConfig, seed: int):
     return keras.Sequential(layers, name="augmentation")
 
 
-def _decode(size: int, resize: str):
+def _decode(size: int, resize: str, interpolation: str):
     def load(path: tf.Tensor) -> tf.Tensor:
-        image = tf.numpy_function(lambda p: load_image_array(p.decode(), size, resize), [path], tf.uint8, stateful=False)
+        image = tf.numpy_function(
+            lambda p: load_image_array(p.decode(), size, resize, interpolation), [path], tf.uint8, stateful=False
+        )
         image.set_shape((size, size, 3))
         return image
 
@@ -59,7 +61,7 @@ def image_dataset(
     paths = np.array([path for path, _ in items], dtype=object).astype(str)
     labels = np.array([label for _, label in items], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    load = _decode(config.image_size, config.resize)
+    load = _decode(config.image_size, config.resize, config.interpolation)
     ds = ds.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if config.cache:
         ds = ds.cache()
@@ -76,5 +78,5 @@ def image_dataset(
 def image_batches(paths: list[str], config: DataConfig) -> tf.data.Dataset:
     """Unlabelled batches of float32 pixels in file order, for prediction."""
     ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=object).astype(str))
-    ds = ds.map(_decode(config.image_size, config.resize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(_decode(config.image_size, config.resize, config.interpolation), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(config.batch_size).map(lambda x: tf.cast(x, tf.float32)).prefetch(tf.data.AUTOTUNE)

@@ -55,6 +55,11 @@ class DataConfig(_Section):
     batch_size: int = Field(32, ge=1, le=4096)
     val_split: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out for validation when there is no val/.")
     resize: Literal["squash", "crop", "pad"] = "squash"
+    interpolation: Literal["antialiased", "bilinear"] = Field(
+        "antialiased",
+        description="`antialiased` (Pillow's bilinear, filter widened when shrinking, as torchvision) or `bilinear` "
+        "(no antialiasing, exactly as tf.image.resize and Keras's image_dataset_from_directory).",
+    )
     cache: bool = Field(True, description="Keep decoded, resized images in memory after the first epoch.")
     feature_cache: bool = Field(
         True,

@@ -49,9 +49,10 @@ class LoadedClassifier:
     resize: str
     source: str  # What the user pointed at.
     run_id: str | None = None  # The MLflow run that produced it, when known.
+    interpolation: str = "antialiased"  # Models logged before the option existed were trained antialiased.
 
 
-def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str) -> str:
+def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str, interpolation: str = "antialiased") -> str:
     """Logs `model` to the active run as an MLflow pyfunc model named `model`; returns its model URI."""
     import keras
     import tensorflow as tf
@@ -87,7 +88,7 @@ def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str)
                 "pyyaml",
                 "pydantic",
             ],
-            metadata={"class_names": class_names, "image_size": size, "resize": resize},
+            metadata={"class_names": class_names, "image_size": size, "resize": resize, "interpolation": interpolation},
         )
     return info.model_uri
 
@@ -154,7 +155,8 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
         class_names = class_names_of(model)
     except ValueError as exc:
         raise ModelLoadError(f"{keras_file} is not a tltoolkit classifier: {exc}") from exc
-    return LoadedClassifier(model, class_names, int(model.input_shape[1]), resize, text, run_id)
+    interpolation = meta.get("interpolation", "antialiased")
+    return LoadedClassifier(model, class_names, int(model.input_shape[1]), resize, text, run_id, interpolation)
 
 
 def _mlmodel_metadata(mlmodel: Path) -> dict:
