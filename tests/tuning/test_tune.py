@@ -196,3 +196,31 @@ def test_distributed_chief_and_two_workers_run_every_trial_once(image_folder, tm
     assert sorted(r.data.tags["tltoolkit.trial"] for r in tagged) == ["0", "1", "2", "3"]
     assert all(r.info.status == "FINISHED" for r in tagged)
     assert {r.data.tags["tltoolkit.tuner_id"] for r in tagged} <= {"worker-w1", "worker-w2"}
+
+
+def test_ctrl_c_marks_the_runs_killed_and_the_same_call_resumes(image_folder, monkeypatch):
+    from tltoolkit.tuning.tuner import TrialRunner
+
+    original = TrialRunner.run
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrialRunner, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tltoolkit.tune(search_recipe(max_trials=2), image_folder, verbose=0)
+    client = MlflowClient()
+    parents, runs = trial_runs(client, "tiny")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert sorted((r.data.tags.get("tltoolkit.trial"), r.info.status) for r in runs) == [("0", "FINISHED"), ("1", "KILLED")]
+
+    result = tltoolkit.tune(search_recipe(max_trials=2), image_folder, verbose=0)
+    assert result.parent_run_id == parents[0].info.run_id
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    _, runs = trial_runs(client, "tiny")
+    assert sorted(r.data.tags["tltoolkit.trial"] for r in runs if "tltoolkit.trial" in r.data.tags) == ["0", "1"]
+    assert [r.info.status for r in runs if "tltoolkit.interrupted_trial" in r.data.tags] == ["KILLED"]

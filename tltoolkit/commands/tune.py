@@ -177,9 +177,11 @@ def tune(
                                   "experiment_id": experiment_id})  # fmt: skip
     try:
         tuner.search(verbose=1)
-    except BaseException:
+    except BaseException as exc:
         if role == "chief":
-            print(f"\nSearch interrupted. Run the same command again to resume it from {project}.")
+            client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            print(f"\nSearch stopped ({type(exc).__name__}). Run the same command again to resume it from {project}; "
+                  f"MLflow parent run {parent_id} will continue.")  # fmt: skip
         raise
     if role == "worker":
         ran = pd.DataFrame({"trial": list(trial_runs), "run_id": list(trial_runs.values())})

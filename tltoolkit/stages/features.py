@@ -147,7 +147,7 @@ class FeatureSource:
             return None
         key = (
             data_digest(self.parts["train"]), data_digest(self.parts["val"]), backbone.name, self.weights_label,
-            prefix_digest(backbone, frozen), self.data.image_size, self.data.resize, frozen,
+            prefix_digest(backbone, frozen), self.data.image_size, self.data.resize, self.data.interpolation, frozen,
         )  # fmt: skip
         above = "head" if whole else backbone.layers[frozen].name
 
@@ -167,28 +167,34 @@ class FeatureSource:
 
 
 def _extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
-    """Runs `extractor` over `items` in file order, with progress; a tuple of arrays, one per cut tensor."""
+    """Runs `extractor` over `items` in file order (compiled, as `predict`), with progress; one array per cut tensor."""
     from tltoolkit.data.pipeline import image_dataset
 
-    ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False)
-    steps = int(ds.cardinality())
-    outputs: list[list[np.ndarray]] = []
-    bar = keras.utils.Progbar(len(items), unit_name="image", verbose=1) if verbose and sys.stdout.isatty() else None
-    started = last = time.perf_counter()
+    ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
     if verbose:
         print(f"Feature cache: computing the frozen layers' outputs for {len(items)} {what} (once)...")
-    done = 0
-    for step, (images, _) in enumerate(ds):
-        result = extractor(images, training=False)
-        result = result if isinstance(result, (list, tuple)) else [result]
-        outputs.append([keras.ops.convert_to_numpy(r) for r in result])
-        done += int(images.shape[0])
-        if bar is not None:
-            bar.update(done)
-        elif verbose and (time.perf_counter() - last > 10 or step == steps - 1):
-            last = time.perf_counter()
-            print(f"  {done}/{len(items)} images, {done / (last - started):.1f} images/s")
-    return tuple(np.concatenate([batch[i] for batch in outputs]) for i in range(len(outputs[0])))
+    tty = bool(verbose) and sys.stdout.isatty()
+    progress = [] if tty or not verbose else [_Progress(len(items), data.batch_size)]
+    outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)
+    return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+
+
+class _Progress(keras.callbacks.Callback):
+    """A line every 10 seconds and at the end, where no terminal shows Keras's progress bar."""
+
+    def __init__(self, total: int, batch_size: int):
+        super().__init__()
+        self.total, self.batch_size = total, batch_size
+
+    def on_predict_begin(self, logs=None):
+        self.started = self.last = time.perf_counter()
+
+    def on_predict_batch_end(self, batch, logs=None):
+        done = min(self.total, (batch + 1) * self.batch_size)
+        now = time.perf_counter()
+        if now - self.last > 10 or done == self.total:
+            self.last = now
+            print(f"  {done}/{self.total} images, {done / max(now - self.started, 1e-9):.1f} images/s")
 
 
 def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: int, shuffle_seed: int | None = None):
