@@ -84,3 +84,17 @@ def test_shipped_search_recipe_is_valid():
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "search_head.yaml")
     assert recipe.search.max_trials >= 10 and recipe.backbone.weights == "torchvision"
     assert any(path.startswith("stages.0.optimizer") for path in recipe.search.space)
+
+
+@pytest.mark.parametrize("tuner", ["random", "bayesian"])
+def test_first_trial_is_the_recipe_as_written(tuner):
+    from tltoolkit.tuning import build_oracle
+
+    recipe = load_recipe(with_space({"head.dropout": {"type": "float", "min": 0.0, "max": 0.5},
+                                     "head.dense": [[], [16], [32]]}, tuner=tuner))  # fmt: skip
+    oracle = build_oracle(recipe)
+    hp = oracle.get_space()
+    declare(hp, recipe)
+    oracle.update_space(hp)
+    first = oracle.populate_space("0")["values"]
+    assert recipe_values(recipe, first) == {"head.dropout": 0.2, "head.dense": [16]}

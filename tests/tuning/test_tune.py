@@ -42,6 +42,11 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
     assert parent.data.params["space.head.dropout"] == "float [0, 0.5]"
     children = [r for r in runs_of(client, result.parent_run_id) if r.data.tags.get("tltoolkit.kind") == "trial"]
     assert sorted(r.data.tags["tltoolkit.trial"] for r in children) == ["0", "1", "2"]
+    first = next(c for c in children if c.data.tags["tltoolkit.trial"] == "0")
+    assert json.loads(first.data.params["head.dropout"]) == 0.0 and first.data.params["head.dense"] == "[]"
+    assert json.loads(first.data.params["stages.0.optimizer.learning_rate"]) == pytest.approx(1e-2), "trial 0: as written"
+    others = {(c.data.params["head.dropout"], c.data.params["head.dense"]) for c in children}
+    assert len(others) == 3, "later trials are the oracle's own"
     for child in children:
         assert child.info.status == "FINISHED"
         assert set(SPACE) <= set(child.data.params)

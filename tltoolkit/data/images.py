@@ -121,7 +121,9 @@ def load_image_array(path: str | Path, size: int, resize: str = "squash", interp
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    image = read_image(path, draft_size=size)
+    # JPEG draft decoding (shrinking by powers of two inside the decoder) low-pass filters like antialiasing does,
+    # so plain bilinear decodes in full, as Keras does.
+    image = read_image(path, draft_size=size if interpolation == "antialiased" else None)
     if interpolation == "antialiased":
         target = (size, size)
         if resize == "crop":

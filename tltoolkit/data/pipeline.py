@@ -78,5 +78,6 @@ def image_dataset(
 def image_batches(paths: list[str], config: DataConfig) -> tf.data.Dataset:
     """Unlabelled batches of float32 pixels in file order, for prediction."""
     ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=object).astype(str))
-    ds = ds.map(_decode(config.image_size, config.resize, config.interpolation), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    load = _decode(config.image_size, config.resize, config.interpolation)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(config.batch_size).map(lambda x: tf.cast(x, tf.float32)).prefetch(tf.data.AUTOTUNE)

@@ -142,8 +142,10 @@ class FeatureSource:
         per_image = sum(int(np.prod(t.shape[1:])) * 4 for t in cut)
         total = per_image * sum(len(self.parts[p]) for p in ("train", "val"))
         if total > MAX_BYTES:
-            print(f"Feature cache: {total / 2**30:.1f} GiB of features at this cut exceed the "
-                  f"{MAX_BYTES / 2**30:.0f} GiB limit (TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.")  # fmt: skip
+            print(
+                f"Feature cache: {total / 2**30:.1f} GiB of features at this cut exceed the {MAX_BYTES / 2**30:.0f} GiB "
+                "limit (TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone."
+            )
             return None
         key = (
             data_digest(self.parts["train"]), data_digest(self.parts["val"]), backbone.name, self.weights_label,
@@ -153,10 +155,10 @@ class FeatureSource:
 
         def compute():
             extractor = keras.Model(backbone.inputs, cut, name=f"{backbone.name}_prefix")
-            return {
-                part: _extract(extractor, self.parts[part], self.data, f"{part} images below `{above}`", verbose)
-                for part in ("train", "val")
-            }
+            train, val = self.parts["train"], self.parts["val"]
+            what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
+            outputs = _extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
+            return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
 
         features = self.cache.get(key, compute)
         top = _top_model(model, backbone, cut, whole)
@@ -172,7 +174,7 @@ def _extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: 
 
     ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
     if verbose:
-        print(f"Feature cache: computing the frozen layers' outputs for {len(items)} {what} (once)...")
+        print(f"Feature cache: computing the frozen layers' outputs for {what} (once)...")
     tty = bool(verbose) and sys.stdout.isatty()
     progress = [] if tty or not verbose else [_Progress(len(items), data.batch_size)]
     outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)

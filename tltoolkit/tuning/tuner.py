@@ -21,9 +21,29 @@ from tltoolkit.recipe import Recipe, dump_recipe
 from tltoolkit.recipe.space import trial_recipe
 from tltoolkit.tuning.space import TUNER_PREFIX, declare, recipe_values
 
+class _RecipeFirst:
+    """Makes an oracle's first trial the recipe as written (every hyperparameter at its default, the recipe's value),
+    so a search never reports less than the recipe it started from. Later trials are the oracle's own."""
+
+    def populate_space(self, trial_id):
+        if not self.trials and not self._tried_so_far:
+            values = {hp.name: hp.default for hp in self.hyperparameters.space if self.hyperparameters.is_active(hp)}
+            return {"status": kt.engine.trial.TrialStatus.RUNNING, "values": values}
+        return super().populate_space(trial_id)
+
+
+class RandomSearchOracle(_RecipeFirst, kt.oracles.RandomSearchOracle):
+    pass
+
+
+class BayesianOptimizationOracle(_RecipeFirst, kt.oracles.BayesianOptimizationOracle):
+    pass
+
+
+# Grid search enumerates every combination and Hyperband runs its own brackets: both as keras-tuner has them.
 ORACLES = {
-    "random": kt.oracles.RandomSearchOracle,
-    "bayesian": kt.oracles.BayesianOptimizationOracle,
+    "random": RandomSearchOracle,
+    "bayesian": BayesianOptimizationOracle,
     "hyperband": kt.oracles.HyperbandOracle,
     "grid": kt.oracles.GridSearchOracle,
 }
