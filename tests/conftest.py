@@ -23,8 +23,12 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 def _isolated(tmp_path, monkeypatch):
     """Seeds everything and keeps MLflow and relative paths inside this test's tmp_path."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import keras
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # `run`/`tune` set MLflow's process-wide URI; a later test must not inherit it.
 
     keras.utils.set_random_seed(0)
     yield

@@ -61,7 +61,8 @@ def test_wrong_type_and_range_name_value(tmp_path):
         ("stages: []\n", "at least 1 item"),
         ("stages:\n  - optimizer: {name: adamw}\n", "adamw needs weight_decay"),
         ("head:\n  pooling: mean\n", "'avg' or 'max'"),
-        ("search: {tuner: random}\n", "`search` section is not supported"),
+        ("search: {tuner: random}\n", r"search.space` (line 1): Field required"),
+        ("pretrain: {epochs: 3}\n", "`pretrain` section is not supported"),
         ("- just\n- a list\n", "must be a mapping"),
     ],
 )

@@ -106,8 +106,24 @@ def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
 
 # --- Processes: a real SIGKILL, then the same command resumes; a chief and two workers on loopback. ---
 
-def cli(*args, log: Path) -> subprocess.Popen:
+SLOW_EPOCHS = """
+import time
+from tltoolkit.tracking.callback import MlflowMetrics
+_log = MlflowMetrics.on_epoch_end
+def on_epoch_end(self, epoch, logs=None):
+    _log(self, epoch, logs)
+    time.sleep(0.7)  # A window to kill the process in, mid-trial, after an epoch was logged.
+MlflowMetrics.on_epoch_end = on_epoch_end
+"""
+
+
+def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
+    """`python -m tltoolkit ARGS`; with `slow` (a folder), every epoch lasts at least 0.7 s (via sitecustomize)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if slow is not None:
+        slow.mkdir(exist_ok=True)
+        (slow / "sitecustomize.py").write_text(SLOW_EPOCHS)
+        env["PYTHONPATH"] = os.pathsep.join([str(slow), env.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT,
                             env=env)  # fmt: skip
 
@@ -149,7 +165,7 @@ def test_search_killed_in_trial_0_and_in_a_later_trial_resumes_with_the_same_com
         live = [r for r in runs if r.data.tags.get("tltoolkit.trial") == "1" and r.info.status == "RUNNING"]
         return any(client.get_metric_history(r.info.run_id, "head/loss") for r in live)
 
-    process = cli(*command, log=log)  # Killed in trial 1, after its first epoch was logged.
+    process = cli(*command, log=log, slow=tmp_path / "slow")  # Killed in trial 1, after its first epoch was logged.
     wait_until(trial_1_mid_stage, process, what="trial 1's first epoch")
     process.send_signal(signal.SIGKILL)
     process.wait()
