@@ -71,9 +71,8 @@ def run(
 
     from tltoolkit.backbones import create_backbone
     from tltoolkit.data import prepare_data
-    from tltoolkit.data.pipeline import image_dataset
-    from tltoolkit.model import build_classifier, check_points
-    from tltoolkit.stages import FeatureSource, class_weights
+    from tltoolkit.model import check_points
+    from tltoolkit.stages import prepare_training
     from tltoolkit.tracking.models import log_classifier
     from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
 
@@ -87,16 +86,8 @@ def run(
 
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
     print_data_summary(folder)
-    train_items = folder.parts["train"]
-    weights = class_weights(recipe.head, [label for _, label in train_items], folder.class_names)
-    model = build_classifier(backbone, folder.class_names, recipe.head)
-    train_ds = image_dataset(train_items, folder.num_classes, recipe.data, training=True, seed=recipe.seed)
-    eval_ds = {
-        part: image_dataset(items, folder.num_classes, recipe.data, training=False)
-        for part, items in folder.parts.items()
-        if part != "train"
-    }
-    features = FeatureSource(folder.parts, folder.num_classes, recipe.data, recipe.seed, recipe.backbone.weights)
+    training = prepare_training(recipe, folder, backbone)
+    model, eval_ds = training.model, training.eval
 
     dataset = folder.root.resolve().name
     recipe_name = recipe.name or "recipe"
@@ -136,8 +127,8 @@ def run(
             ) as child:
                 stage_runs[stage.name] = child.info.run_id
                 history, last_eval = _run_stage(
-                    client, child.info.run_id, index, recipe, model, backbone, train_ds, eval_ds["val"], folder,
-                    weights, f"{run_name} / {stage.name}", verbose, features,
+                    client, child.info.run_id, index, recipe, training, backbone, folder, f"{run_name} / {stage.name}",
+                    verbose,
                 )
                 histories.append(history)
                 mlflow.log_metric(f"{stage.name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
@@ -161,8 +152,7 @@ def run(
     return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)
 
 
-def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds, folder, weights, title, verbose,
-               features=None):  # fmt: skip
+def _run_stage(client, run_id, index, recipe, training, backbone, folder, title, verbose):
     """Fits stage `index` inside its (active) child run and logs its params, curves and final evaluation."""
     import mlflow
 
@@ -175,8 +165,8 @@ def _run_stage(client, run_id, index, recipe, model, backbone, train_ds, val_ds,
     mlflow.log_params({k.removeprefix(prefix): v for k, v in recipe.flat().items() if k.startswith(prefix)})
     started = time.perf_counter()
     outcome = fit_stage(
-        model, backbone, recipe, stage, train_ds, val_ds, weights,
-        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose, features=features,
+        training.model, backbone, recipe, stage, training.train, training.eval["val"], training.class_weight,
+        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose, features=training.features,
     )
     wall = time.perf_counter() - started
     mlflow.log_params({

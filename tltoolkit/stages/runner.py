@@ -34,6 +34,44 @@ class StageOutcome:
         return self.eval_model.predict(self.eval_data, verbose=0)
 
 
+@dataclass
+class Training:
+    """What every stage of one training shares: the classifier, its batches, class weights and the feature cache."""
+
+    model: keras.Model
+    train: object  # tf.data batches, shuffled each epoch with the seed.
+    eval: dict  # Part name ("val", maybe "test") -> batches in file order.
+    class_weight: dict[int, float] | None
+    features: FeatureSource
+
+
+def prepare_training(recipe: Recipe, folder, backbone: keras.Model, seed: int | None = None) -> Training:
+    """Builds the classifier on `backbone` and the pipelines its stages train and score on.
+
+    Args:
+        recipe: The head, data and class-weight settings.
+        folder: From `prepare_data`.
+        backbone: From `create_backbone`.
+        seed: Shuffling (and augmentation) seed. Defaults to `recipe.seed`.
+    """
+    from tltoolkit.data.pipeline import image_dataset
+    from tltoolkit.model import build_classifier
+
+    seed = recipe.seed if seed is None else seed
+    labels = [label for _, label in folder.parts["train"]]
+    return Training(
+        model=build_classifier(backbone, folder.class_names, recipe.head),
+        train=image_dataset(folder.parts["train"], folder.num_classes, recipe.data, training=True, seed=seed),
+        eval={
+            part: image_dataset(items, folder.num_classes, recipe.data, training=False)
+            for part, items in folder.parts.items()
+            if part != "train"
+        },
+        class_weight=class_weights(recipe.head, labels, folder.class_names),
+        features=FeatureSource(folder.parts, folder.num_classes, recipe.data, seed, recipe.backbone.weights),
+    )
+
+
 def class_weights(head: HeadConfig, labels: list[int], class_names: list[str]) -> dict[int, float] | None:
     """`head.class_weight` as Keras's `{label: weight}`: `auto` is scikit-learn's `balanced`."""
     if head.class_weight == "none":

@@ -156,9 +156,8 @@ class TrialRunner:
                 callbacks that log that stage's epochs.
         """
         from tltoolkit.commands.run import score
-        from tltoolkit.data.pipeline import image_dataset
-        from tltoolkit.model import build_classifier, check_points
-        from tltoolkit.stages import FeatureSource, class_weights, fit_stage
+        from tltoolkit.model import check_points
+        from tltoolkit.stages import fit_stage, prepare_training
 
         started = time.perf_counter()
         folder = self.folder(recipe)
@@ -169,16 +168,13 @@ class TrialRunner:
             keras.utils.set_random_seed(seed)
             backbone = self.backbone(recipe)
             check_points(backbone, recipe.backbone.freeze, recipe.stages)
-            model = build_classifier(backbone, folder.class_names, recipe.head)
-            labels = [label for _, label in folder.parts["train"]]
-            weights = class_weights(recipe.head, labels, folder.class_names)
-            train = image_dataset(folder.parts["train"], folder.num_classes, recipe.data, training=True, seed=seed)
-            val = image_dataset(folder.parts["val"], folder.num_classes, recipe.data, training=False)
-            features = FeatureSource(folder.parts, folder.num_classes, recipe.data, seed, recipe.backbone.weights)
+            training = prepare_training(recipe, folder, backbone, seed)
             for stage in recipe.stages:
                 prefix = (f"e{execution}/" if execution else "") + f"{stage.name}/"
-                outcome = fit_stage(model, backbone, recipe, stage, train, val, weights,
-                                    callbacks=callbacks_for(prefix), verbose=self.verbose, features=features)  # fmt: skip
+                outcome = fit_stage(
+                    training.model, backbone, recipe, stage, training.train, training.eval["val"],
+                    training.class_weight, callbacks_for(prefix), self.verbose, training.features,
+                )  # fmt: skip
                 histories.append(outcome.history.assign(stage=stage.name, execution=execution))
                 evaluation = score(outcome.predict_val(), folder.parts["val"], folder.class_names)
                 stage_scores.setdefault(f"{stage.name}_val_accuracy", []).append(evaluation.metrics["accuracy"])
