@@ -98,3 +98,19 @@ def test_first_trial_is_the_recipe_as_written(tuner):
     oracle.update_space(hp)
     first = oracle.populate_space("0")["values"]
     assert recipe_values(recipe, first) == {"head.dropout": 0.2, "head.dense": [16]}
+
+
+def test_importance_ranks_what_explains_the_objective():
+    import pandas as pd
+
+    from tltoolkit.tracking.plots import hyperparameter_importance, search_figure
+
+    trials = pd.DataFrame({
+        "trial": ["0", "1", "2", "3"], "val_accuracy": [0.5, 0.6, 0.7, 0.8],
+        "lr": [1e-4, 1e-3, 1e-2, 1e-1], "dense": ["[]", "[]", "[256]", "[256]"], "flat": [0.2] * 4,
+    })  # fmt: skip
+    importance = hyperparameter_importance(trials, "val_accuracy", ["lr", "dense", "flat"])
+    assert importance["lr"] == pytest.approx(1.0) and importance["flat"] == 0.0
+    assert importance["dense"] == pytest.approx(0.8) and list(importance.index) == ["lr", "dense", "flat"]
+    figure = search_figure(trials, "val_accuracy", "max", ["lr", "dense", "flat"])
+    assert len(figure.axes) == 4 and figure.axes[1].get_xlabel() == "lr" and figure.axes[1].get_xscale() == "log"

@@ -17,7 +17,7 @@ import keras_tuner as kt
 import numpy as np
 import pandas as pd
 
-from tltoolkit.recipe import Recipe, dump_recipe
+from tltoolkit.recipe import Recipe
 from tltoolkit.recipe.space import trial_recipe
 from tltoolkit.tuning.space import TUNER_PREFIX, declare, recipe_values
 
@@ -185,7 +185,3 @@ class TrialRunner:
             metrics[f"{objective}_std"] = float(pd.DataFrame(finals)[objective].std())
         return TrialResult(metrics[objective], metrics, pd.concat(histories, ignore_index=True), evaluation,
                            time.perf_counter() - started)  # fmt: skip
-
-
-def trial_values_text(recipe: Recipe, values: dict[str, Any]) -> str:
-    return dump_recipe(resolve_trial(recipe, values))
