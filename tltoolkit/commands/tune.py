@@ -150,6 +150,16 @@ def tune(
     if role == "chief" and not distributed:
         runner.folder(_base_trial_recipe(recipe))  # Scan the data once, before the first trial, so errors come first.
         _check_objective(recipe, runner)
+    trial_runs: dict[str, str] = {}
+
+    def run_trial(trial) -> dict[str, float]:
+        return _run_trial(client, experiment_id, parent_id, recipe, runner, trial, trial_runs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # Reloads the oracle of an earlier search here, or (overwrite) removes its folder.
+        tuner = RecipeTuner(recipe, run_trial, directory=str(directory), project_name=name,
+                            overwrite=overwrite and role == "chief")  # fmt: skip
     if role == "worker":
         parent_id = _wait_for_parent(client, experiment_id, name)
     elif state.get("parent_run_id"):
@@ -158,23 +168,9 @@ def tune(
         print(f"Resuming search {name!r} from {project}: MLflow parent run {parent_id} continues.")
     else:
         parent_id = _start_parent(client, experiment_id, recipe, name, data_dir, project)
-        project.mkdir(parents=True, exist_ok=True)
         _write_state(state_path, {**fingerprints, "parent_run_id": parent_id, "tracking_uri": uri,
                                   "experiment_id": experiment_id})  # fmt: skip
     print(f"MLflow parent run {parent_id} (search {name!r}) in experiment {experiment_name!r} at {uri}")
-
-    trial_runs: dict[str, str] = {}
-
-    def run_trial(trial) -> dict[str, float]:
-        return _run_trial(client, experiment_id, parent_id, recipe, runner, trial, trial_runs)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        tuner = RecipeTuner(recipe, run_trial, directory=str(directory), project_name=name,
-                            overwrite=overwrite and role == "chief")  # fmt: skip
-    if overwrite and role == "chief" and not state_path.exists():
-        _write_state(state_path, {**fingerprints, "parent_run_id": parent_id, "tracking_uri": uri,
-                                  "experiment_id": experiment_id})  # fmt: skip
     try:
         tuner.search(verbose=1)
     except BaseException as exc:
