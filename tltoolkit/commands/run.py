@@ -85,7 +85,7 @@ def run(
     check_points(backbone, recipe.backbone.freeze, recipe.stages)
 
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
-    print_data_summary(folder)
+    print(folder.summary())
     training = prepare_training(recipe, folder, backbone)
     model, eval_ds = training.model, training.eval
 
@@ -157,6 +157,7 @@ def _run_stage(client, run_id, index, recipe, training, backbone, folder, title,
     import mlflow
 
     from tltoolkit.stages import fit_stage
+    from tltoolkit.model.metrics import evaluate_items
     from tltoolkit.tracking.callback import MlflowMetrics
     from tltoolkit.tracking.reports import log_curves, log_evaluation
 
@@ -181,34 +182,16 @@ def _run_stage(client, run_id, index, recipe, training, backbone, folder, title,
     mlflow.log_metrics(summary)
     history = outcome.history.assign(stage=stage.name)
     log_curves(client, run_id, history, title, "curves.png")
-    evaluation = score(outcome.predict_val(), folder.parts["val"], folder.class_names)
+    evaluation = evaluate_items(folder.parts["val"], outcome.predict_val(), folder.class_names)
     log_evaluation(client, run_id, evaluation, folder.class_names, "final_val")
     print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {evaluation.metrics['accuracy']:.4f}")
     return history, evaluation
 
 
 def _evaluate(model, ds, items, class_names):
-    return score(model.predict(ds, verbose=0), items, class_names)
+    from tltoolkit.model.metrics import evaluate_items
 
-
-def score(probabilities, items, class_names):
-    import numpy as np
-
-    from tltoolkit.model.metrics import evaluate_probabilities
-
-    return evaluate_probabilities(np.array([label for _, label in items]), probabilities, class_names)
-
-
-def print_data_summary(folder) -> None:
-    counts = folder.counts()
-    print(f"Data {folder.root}: {folder.num_classes} classes, " + ", ".join(f"{p} {int(counts[p].sum())}" for p in counts))
-    print(counts.to_string())
-    if folder.skipped:
-        print(f"Skipped {len(folder.skipped)} file(s) (also logged as data/skipped_files.csv):")
-        for item in folder.skipped[:20]:
-            print(f"  {item.path}: {item.reason}")
-        if len(folder.skipped) > 20:
-            print(f"  ... and {len(folder.skipped) - 20} more")
+    return evaluate_items(items, model.predict(ds, verbose=0), class_names)
 
 
 def _print_done(run_id: str, experiment: str, uri: str, metrics: dict[str, float]) -> None:

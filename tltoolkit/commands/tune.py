@@ -148,8 +148,8 @@ def tune(
 
     runner = TrialRunner(str(data_dir), verbose)
     if role == "chief" and not distributed:
-        runner.folder(_base_trial_recipe(recipe))  # Scan the data once, before the first trial, so errors come first.
-        _check_objective(recipe, runner)
+        folder = runner.folder(_base_trial_recipe(recipe))  # Scanned before the first trial, so errors come first.
+        _check_objective(recipe, folder.num_classes)
     trial_runs: dict[str, str] = {}
 
     def run_trial(trial) -> dict[str, float]:
@@ -203,12 +203,10 @@ def _base_trial_recipe(recipe: Recipe) -> Recipe:
     return trial_recipe(recipe, {})
 
 
-def _check_objective(recipe: Recipe, runner) -> None:
-    folder = next(iter(runner.folders.values()))
-    if recipe.search.objective == "val_top5_accuracy" and folder.num_classes <= 5:
+def _check_objective(recipe: Recipe, num_classes: int) -> None:
+    if recipe.search.objective == "val_top5_accuracy" and num_classes <= 5:
         raise RecipeError(
-            f"search.objective val_top5_accuracy needs more than 5 classes; {runner.data_dir} has "
-            f"{folder.num_classes}. Use val_accuracy."
+            f"search.objective val_top5_accuracy needs more than 5 classes; the data has {num_classes}. Use val_accuracy."
         )
 
 

@@ -49,6 +49,18 @@ class ImageFolder:
     def skipped_frame(self) -> pd.DataFrame:
         return skipped_frame(self.skipped)
 
+    def summary(self) -> str:
+        """Classes and images per part, and the first skipped files with their reasons, as printed before training."""
+        counts = self.counts()
+        parts = ", ".join(f"{p} {int(counts[p].sum())}" for p in counts)
+        lines = [f"Data {self.root}: {self.num_classes} classes, {parts}", counts.to_string()]
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} file(s) (also logged as data/skipped_files.csv):")
+            lines += [f"  {item.path}: {item.reason}" for item in self.skipped[:20]]
+            if len(self.skipped) > 20:
+                lines.append(f"  ... and {len(self.skipped) - 20} more")
+        return "\n".join(lines)
+
 
 def prepare_data(root: str | Path, val_split: float = 0.2, seed: int = 42, progress: bool = True) -> ImageFolder:
     """Scans `root`, checks every file once, and splits it.

@@ -41,3 +41,8 @@ def evaluate_probabilities(labels: np.ndarray, probabilities: np.ndarray, class_
         labels=np.asarray(labels),
         probabilities=probabilities,
     )
+
+
+def evaluate_items(items: list[tuple[str, int]], probabilities: np.ndarray, class_names: list[str]) -> Evaluation:
+    """Scores `probabilities` for `(path, label)` items (as `prepare_data` gives them), row for row."""
+    return evaluate_probabilities(np.array([label for _, label in items]), probabilities, class_names)

@@ -128,13 +128,12 @@ class TrialRunner:
     backbones: dict[tuple, tuple[keras.Model, list[np.ndarray]]] = field(default_factory=dict)
 
     def folder(self, recipe: Recipe):
-        from tltoolkit.commands.run import print_data_summary
         from tltoolkit.data import prepare_data
 
         key = (recipe.data.val_split, recipe.seed)
         if key not in self.folders:
             self.folders[key] = prepare_data(self.data_dir, recipe.data.val_split, recipe.seed)
-            print_data_summary(self.folders[key])
+            print(self.folders[key].summary())
         return self.folders[key]
 
     def backbone(self, recipe: Recipe) -> keras.Model:
@@ -155,8 +154,8 @@ class TrialRunner:
             callbacks_for: Given a metric prefix (`"head/"`, or `"e1/head/"` for later executions), the Keras
                 callbacks that log that stage's epochs.
         """
-        from tltoolkit.commands.run import score
         from tltoolkit.model import check_points
+        from tltoolkit.model.metrics import evaluate_items
         from tltoolkit.stages import fit_stage, prepare_training
 
         started = time.perf_counter()
@@ -176,7 +175,7 @@ class TrialRunner:
                     training.class_weight, callbacks_for(prefix), self.verbose, training.features,
                 )  # fmt: skip
                 histories.append(outcome.history.assign(stage=stage.name, execution=execution))
-                evaluation = score(outcome.predict_val(), folder.parts["val"], folder.class_names)
+                evaluation = evaluate_items(folder.parts["val"], outcome.predict_val(), folder.class_names)
                 stage_scores.setdefault(f"{stage.name}_val_accuracy", []).append(evaluation.metrics["accuracy"])
             finals.append({f"val_{k}": v for k, v in evaluation.metrics.items()})
         metrics = pd.DataFrame(finals).mean().to_dict()
