@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Before Keras is imported: its cache directory (for `weights: imagenet`) must not be the user's.
@@ -67,3 +70,37 @@ def tiny_recipe(**sections) -> dict:
     }
     recipe.update(sections)
     return recipe
+
+
+# --- Processes: the CLI in a subprocess, to kill it for real. ---
+
+SLOW_EPOCHS = """
+import time
+from tltoolkit.tracking.callback import MlflowMetrics
+_log = MlflowMetrics.on_epoch_end
+def on_epoch_end(self, epoch, logs=None):
+    _log(self, epoch, logs)
+    time.sleep(0.7)  # A window to kill the process in, mid-trial, after an epoch was logged.
+MlflowMetrics.on_epoch_end = on_epoch_end
+"""
+
+
+def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
+    """`python -m tltoolkit ARGS`; with `slow` (a folder), every epoch lasts at least 0.7 s (via sitecustomize)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if slow is not None:
+        slow.mkdir(exist_ok=True)
+        (slow / "sitecustomize.py").write_text(SLOW_EPOCHS)
+        env["PYTHONPATH"] = os.pathsep.join([str(slow), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT,
+                            env=env)  # fmt: skip
+
+
+def wait_until(condition, process, timeout=120.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (rc {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

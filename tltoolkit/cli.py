@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a classifier as a recipe says (head stage, then fine-tune)")
     _add_run_flags(run)
+    run.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="RUN_ID",
+        help="continue the newest unfinished run of this same command (recipe, --set, --data) from its checkpoint, "
+        "in the same MLflow runs; or the run RUN_ID",
+    )  # fmt: skip
 
     tune = sub.add_parser(
         "tune", help="keras-tuner search over the recipe's `search.space`; every trial an MLflow child run; resumable"
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except TltoolkitError as exc:
         print(f"tltoolkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during run/tune: the command said how to resume.
+        print(f"tltoolkit {args.command}: interrupted{f' ({exc})' if str(exc) else ''}.", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -138,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from tltoolkit.commands.run import run
 
-        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment)
+        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment, resume=args.resume)
     elif args.command == "tune":
         from tltoolkit.commands.tune import tune
 

@@ -28,3 +28,7 @@ class TrackingError(TltoolkitError, RuntimeError):
 
 class ModelLoadError(TltoolkitError, ValueError):
     """A model path or run id does not hold a tltoolkit model."""
+
+
+class ResumeError(TltoolkitError, RuntimeError):
+    """A training cannot be resumed: nothing to resume, or its checkpoint no longer fits the recipe or data."""

@@ -7,7 +7,7 @@ import pytest
 import tltoolkit
 from conftest import tiny_recipe
 from tltoolkit.data import prepare_data
-from tltoolkit.data.pipeline import image_dataset
+from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
 from tltoolkit.recipe import load_recipe
 from tltoolkit.stages import FeatureCache, FeatureSource, fit_stage
@@ -21,7 +21,7 @@ def train_head(image_folder, cached: bool, cache: FeatureCache, **changes):
     folder = prepare_data(image_folder, recipe.data.val_split, recipe.seed, progress=False)
     backbone = tltoolkit.create_backbone("test_tiny", weights="none", input_size=32)
     model = build_classifier(backbone, folder.class_names, recipe.head)
-    train = image_dataset(folder.parts["train"], 3, recipe.data, training=True, seed=recipe.seed)
+    train = TrainingBatches(folder.parts["train"], 3, recipe.data, seed=recipe.seed)
     val = image_dataset(folder.parts["val"], 3, recipe.data, training=False)
     source = FeatureSource(folder.parts, 3, recipe.data, recipe.seed, "none", cache) if cached else None
     outcome = fit_stage(model, backbone, recipe, recipe.stages[0], train, val, verbose=0, features=source)

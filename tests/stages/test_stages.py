@@ -5,7 +5,7 @@ import pytest
 import tltoolkit
 from conftest import tiny_recipe
 from tltoolkit.data import prepare_data
-from tltoolkit.data.pipeline import image_dataset
+from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
 from tltoolkit.recipe import HeadConfig, OptimizerConfig, ScheduleConfig, StageConfig, load_recipe
 from tltoolkit.stages import build_optimizer, class_weights, current_learning_rate, fit_stage
@@ -17,7 +17,7 @@ def setup(image_folder):
     folder = prepare_data(image_folder, recipe.data.val_split, recipe.seed, progress=False)
     backbone = tltoolkit.create_backbone("test_tiny", weights="none", input_size=32)
     model = build_classifier(backbone, folder.class_names, recipe.head)
-    train = image_dataset(folder.parts["train"], 3, recipe.data, training=True)
+    train = TrainingBatches(folder.parts["train"], 3, recipe.data, seed=recipe.seed)
     val = image_dataset(folder.parts["val"], 3, recipe.data, training=False)
     return recipe, model, backbone, train, val
 
@@ -34,7 +34,7 @@ def test_stage_switch_recompiles_with_a_fresh_optimizer_and_the_new_rate(setup):
     tuned = fit_stage(model, backbone, recipe, recipe.stages[1], train, val, verbose=0)
     assert model.optimizer is not first
     assert current_learning_rate(model.optimizer) == pytest.approx(1e-4)
-    assert int(model.optimizer.iterations) == int(train.cardinality()), "a new optimizer starts at step 0"
+    assert int(model.optimizer.iterations) == train.steps_per_epoch, "a new optimizer starts at step 0"
     assert tuned.trainable.trainable_layers == 3
     assert not np.allclose(frozen_kernel, backbone.get_layer("block1_conv").kernel.numpy())
     assert list(tuned.history.columns[:1]) == ["epoch"] and {"loss", "val_accuracy"} <= set(tuned.history.columns)

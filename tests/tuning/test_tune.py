@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 import tltoolkit
-from conftest import tiny_recipe
+from conftest import cli, tiny_recipe, wait_until
 from tltoolkit.errors import RecipeError
 from tltoolkit.recipe import load_recipe
 
@@ -105,38 +105,6 @@ def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
 
 
 # --- Processes: a real SIGKILL, then the same command resumes; a chief and two workers on loopback. ---
-
-SLOW_EPOCHS = """
-import time
-from tltoolkit.tracking.callback import MlflowMetrics
-_log = MlflowMetrics.on_epoch_end
-def on_epoch_end(self, epoch, logs=None):
-    _log(self, epoch, logs)
-    time.sleep(0.7)  # A window to kill the process in, mid-trial, after an epoch was logged.
-MlflowMetrics.on_epoch_end = on_epoch_end
-"""
-
-
-def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
-    """`python -m tltoolkit ARGS`; with `slow` (a folder), every epoch lasts at least 0.7 s (via sitecustomize)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if slow is not None:
-        slow.mkdir(exist_ok=True)
-        (slow / "sitecustomize.py").write_text(SLOW_EPOCHS)
-        env["PYTHONPATH"] = os.pathsep.join([str(slow), env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT,
-                            env=env)  # fmt: skip
-
-
-def wait_until(condition, process, timeout=120.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the process ended (rc {process.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
 
 def trial_runs(client, name):
     experiments = [e.experiment_id for e in client.search_experiments()]

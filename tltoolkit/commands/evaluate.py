@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tltoolkit.model.metrics import Evaluation
+from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
 from tltoolkit.tracking.store import connect, resolve_tracking_uri
 
 
@@ -59,7 +60,8 @@ def evaluate(
             experiment_id = client.get_run(loaded.run_id).info.experiment_id  # Beside the run that trained it.
         else:
             experiment_id = connect(uri, experiment or "tltoolkit")
-        tags = {"tltoolkit.kind": "evaluate", "tltoolkit.model": str(model), "tltoolkit.dataset": Path(data).resolve().name}
+        tags = {"tltoolkit.kind": "evaluate", "tltoolkit.model": str(model), "tltoolkit.dataset": Path(data).resolve().name,
+                PROCESS_TAG: process_tag()}  # fmt: skip
         if loaded.run_id:
             tags["tltoolkit.source_run"] = loaded.run_id
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{Path(data).resolve().name}", tags=tags) as run:

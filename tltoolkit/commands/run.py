@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -10,7 +12,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from tltoolkit.errors import RecipeError
+from tltoolkit.commands.interrupts import interrupts_raise
+from tltoolkit.errors import RecipeError, ResumeError
 from tltoolkit.recipe import Recipe, dump_recipe, load_recipe
 from tltoolkit.tracking.store import connect, default_tracking_uri, resolve_tracking_uri
 
@@ -43,11 +46,17 @@ def run(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     verbose: int | None = None,
+    resume: bool | str = False,
 ) -> RunResult:
-    """Trains a classifier as the recipe says and tracks it in MLflow.
+    """Trains a classifier as the recipe says and tracks it in MLflow; resumable after a kill.
 
     Order matters for users: the recipe, the tracking store, the backbone and every freeze point are checked before
     any image is read, and nothing is logged until the data is known to be usable.
+
+    Every epoch ends with a checkpoint (see `CheckpointStore`: model, optimizer, early stopping, the epoch's logs),
+    written before the epoch's metrics reach MLflow, in `<store folder>/checkpoints/<run id>/` for a SQLite store
+    (`./checkpoints/<run id>/` otherwise) and removed when the run finishes. SIGINT (Ctrl-C) or SIGTERM marks the
+    runs KILLED and keeps the checkpoint; `resume` continues the same MLflow runs from it.
 
     Args:
         recipe: A recipe file, dict or `Recipe`.
@@ -56,9 +65,14 @@ def run(
         tracking_uri: MLflow store. Defaults to `MLFLOW_TRACKING_URI`, the recipe's, or `./mlruns/mlflow.db`.
         experiment: MLflow experiment. Defaults to the recipe's `tracking.experiment`.
         verbose: Keras fit verbosity (see `fit_stage`).
+        resume: `True`: continue the newest unfinished run of this very recipe (overrides included) on this data
+            folder, in the same stage and epoch, with the same MLflow run ids. A run id: continue that run.
 
     Returns:
         A `RunResult` with the parent run id, final metrics and the trained model.
+
+    Raises:
+        ResumeError: Nothing to resume, or the recipe or data changed since the checkpoint.
     """
     recipe = _recipe(recipe, overrides)
     data_dir = data or recipe.data.dir
@@ -66,19 +80,21 @@ def run(
         raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
     # Heavy imports only once the recipe is known to be valid, so its errors come back at once.
     import keras
-    import mlflow
     from mlflow import MlflowClient
 
     from tltoolkit.backbones import create_backbone
     from tltoolkit.data import prepare_data
     from tltoolkit.model import check_points
     from tltoolkit.stages import prepare_training
-    from tltoolkit.tracking.models import log_classifier
-    from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
+    from tltoolkit.tracking.processes import mark_dead_runs_killed
 
     uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
     experiment_name = experiment or recipe.tracking.experiment
     experiment_id = connect(uri, experiment_name)
+    client = MlflowClient(uri)
+    key = _resume_key(recipe, data_dir)
+    point = _resume_point(client, experiment_id, resume, key, recipe, data_dir, uri) if resume else None
+    mark_dead_runs_killed(client, keep=point.run_ids() if point else set())
 
     keras.utils.set_random_seed(recipe.seed)
     backbone = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
@@ -86,9 +102,103 @@ def run(
 
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
     print(folder.summary())
+    digest = _data_digest(folder)
+    if point is not None and point.checkpoint.state["data"] != digest:
+        raise ResumeError(
+            f"The images in {folder.root} changed since run {point.parent_id} was checkpointed (files added, removed "
+            "or modified), so its split and batches would differ. Restore them, or start a new run without --resume."
+        )
     training = prepare_training(recipe, folder, backbone)
-    model, eval_ds = training.model, training.eval
+    with interrupts_raise():
+        return _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone, training, verbose, key,
+                      digest, point)  # fmt: skip
 
+
+@dataclass
+class _ResumePoint:
+    parent_id: str
+    store: object  # CheckpointStore
+    checkpoint: object  # Checkpoint
+
+    def run_ids(self) -> set[str]:
+        return {self.parent_id, *self.checkpoint.state["stage_runs"]}
+
+
+def _resume_key(recipe: Recipe, data_dir) -> str:
+    """Identifies "the same command": the resolved recipe (overrides applied) and the data folder."""
+    text = f"{dump_recipe(recipe)}\0{Path(data_dir).resolve()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _data_digest(folder) -> str:
+    from tltoolkit.stages.features import data_digest
+
+    return data_digest([item for part in sorted(folder.parts) for item in folder.parts[part]])
+
+
+def checkpoint_root(uri: str) -> Path:
+    """Where runs keep their checkpoints: beside a SQLite store, else `./checkpoints` (made absolute)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "checkpoints"
+    return Path("checkpoints").resolve()
+
+
+def _resume_point(client, experiment_id: str, resume: bool | str, key: str, recipe: Recipe, data_dir, uri) -> _ResumePoint:
+    from tltoolkit.stages.checkpoint import CheckpointStore
+
+    if isinstance(resume, str):
+        try:
+            candidates = [client.get_run(resume)]
+        except Exception:
+            raise ResumeError(f"--resume {resume}: no such run in the MLflow store {uri}.") from None
+        if candidates[0].data.tags.get("tltoolkit.kind") != "run":
+            raise ResumeError(f"--resume {resume}: that run is not a `tltoolkit run` parent run (its stages resume with it).")
+    else:
+        candidates = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`tltoolkit.kind` = 'run' and tags.`tltoolkit.resume_key` = '{key}' "
+            "and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
+    for candidate in candidates:
+        run_id = candidate.info.run_id
+        if candidate.info.status == "FINISHED":
+            raise ResumeError(f"Run {run_id} already finished; there is nothing to resume. Start a new run without --resume.")
+        folder = candidate.data.tags.get("tltoolkit.checkpoints") or str(checkpoint_root(uri) / run_id)
+        store = CheckpointStore(folder)
+        checkpoint = store.latest()
+        if checkpoint is None:
+            if isinstance(resume, str):
+                raise ResumeError(f"Run {run_id} has no readable checkpoint in {folder}; it cannot be resumed.")
+            continue
+        if checkpoint.state.get("key") != key:
+            raise ResumeError(
+                f"Run {run_id} was started with a different recipe (or --set overrides) or data folder; resume it with "
+                "exactly the same command plus --resume, or start a new run without --resume."
+            )
+        stage, epoch = checkpoint.state["stage"], checkpoint.state["epoch"]
+        where = (f"stage {stage + 1} of {len(recipe.stages)} ({recipe.stages[stage].name!r}) after epoch {epoch + 1}"
+                 if stage < len(recipe.stages) and epoch >= 0 else f"before stage {stage + 1} of {len(recipe.stages)}")
+        print(f"Resuming run {run_id} from {checkpoint.path.name}: {where}.")
+        return _ResumePoint(run_id, store, checkpoint)
+    raise ResumeError(
+        f"Nothing to resume: no unfinished run of recipe {recipe.name or 'recipe'!r} on {Path(data_dir).resolve()} "
+        f"with a checkpoint in experiment {client.get_experiment(experiment_id).name!r} at {uri}. "
+        "Run the command without --resume to start one."
+    )
+
+
+def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone, training, verbose, key, digest,
+           point: _ResumePoint | None) -> RunResult:  # fmt: skip
+    """Logs the parent run, runs (or resumes) every stage as a child run, then scores and logs the final model."""
+    import mlflow
+
+    from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, restore_variables
+    from tltoolkit.tracking.models import log_classifier
+    from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
+    from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
+
+    model, eval_ds = training.model, training.eval
     dataset = folder.root.resolve().name
     recipe_name = recipe.name or "recipe"
     common_tags = {
@@ -96,63 +206,155 @@ def run(
         "tltoolkit.backbone": recipe.backbone.name,
         "tltoolkit.weights": recipe.backbone.weights,
         "tltoolkit.dataset": dataset,
+        PROCESS_TAG: process_tag(),
         **recipe.tracking.tags,
     }
     run_name = recipe.tracking.run_name or f"{recipe_name}-{recipe.backbone.name}-{dataset}"
-    client = MlflowClient()
-    stage_runs: dict[str, str] = {}
-    histories: list[pd.DataFrame] = []
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name,
-        tags={**common_tags, "tltoolkit.kind": "run", "tltoolkit.data_dir": str(folder.root.resolve())},
-    ) as parent:
-        parent_id = parent.info.run_id
-        print(f"MLflow run {parent_id} ({run_name}) in experiment {experiment_name!r} at {uri}")
-        mlflow.log_params(recipe.flat())
-        mlflow.log_params({"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}})
-        mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
-        log_data_report(client, parent_id, folder)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
-            manifest = mlflow.data.from_pandas(folder.manifest(), source=str(folder.root.resolve()), name=dataset)
-            mlflow.log_input(manifest, context="training")
-        for index, stage in enumerate(recipe.stages):
-            with mlflow.start_run(
-                experiment_id=experiment_id,  # Else MLflow files the child under the Default experiment.
-                run_name=stage.name,
-                nested=True,
-                tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": stage.name,
-                      "tltoolkit.stage_index": str(index)},
-            ) as child:
-                stage_runs[stage.name] = child.info.run_id
-                history, last_eval = _run_stage(
-                    client, child.info.run_id, index, recipe, training, backbone, folder, f"{run_name} / {stage.name}",
-                    verbose,
-                )
-                histories.append(history)
-                mlflow.log_metric(f"{stage.name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
+    state = dict(point.checkpoint.state) if point else None
+    parent_id = point.parent_id if point else None
+    child_id = last_eval = None
+    store = point.store if point else None
+    try:
+        with mlflow.start_run(
+            run_id=parent_id,
+            experiment_id=experiment_id,
+            run_name=None if point else run_name,
+            tags={**common_tags, "tltoolkit.kind": "run", "tltoolkit.data_dir": str(folder.root.resolve()),
+                  "tltoolkit.resume_key": key},
+        ) as parent:  # fmt: skip
+            parent_id = parent.info.run_id
+            print(f"MLflow run {parent_id} ({run_name}) in experiment {experiment_name!r} at {uri}")
+            if point is None:
+                store = CheckpointStore(checkpoint_root(uri) / parent_id)
+                mlflow.set_tag("tltoolkit.checkpoints", str(store.folder))
+                _log_parent_inputs(client, parent_id, recipe, folder, dataset)
+                state = {"key": key, "data": digest, "stage": 0, "epoch": -1, "rows": [], "stage_runs": [],
+                         "histories": []}  # fmt: skip
+            else:
+                restore_variables(model.variables, point.checkpoint.arrays["model"], "model", point.checkpoint.path)
+            for index in range(state["stage"], len(recipe.stages)):
+                stage = recipe.stages[index]
+                resume_stage = None
+                if point is not None and index == point.checkpoint.state["stage"] and state["epoch"] >= 0:
+                    resume_stage = StageResume(state["epoch"] + 1, state["rows"], point.checkpoint.arrays.get("optimizer", []),
+                                               state.get("stopper"), point.checkpoint.arrays.get("best"),
+                                               state.get("stopped", False), point.checkpoint.path)  # fmt: skip
+                child_id = _stage_run_id(client, experiment_id, parent_id, index, state)
+                with mlflow.start_run(
+                    run_id=child_id,
+                    experiment_id=experiment_id,  # Else MLflow files the child under the Default experiment.
+                    run_name=None if child_id else stage.name,
+                    nested=True,
+                    tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": stage.name,
+                          "tltoolkit.stage_index": str(index)},
+                ) as child:  # fmt: skip
+                    child_id = child.info.run_id
+                    if len(state["stage_runs"]) <= index:
+                        state["stage_runs"].append(child_id)
+                    if resume_stage is not None:
+                        _log_missing_epochs(client, child_id, resume_stage.rows)
+                    history, last_eval = _run_stage(
+                        client, child_id, index, recipe, training, backbone, folder, f"{run_name} / {stage.name}",
+                        verbose, resume_stage, store,
+                        {k: state[k] for k in ("key", "data", "stage_runs", "histories")} | {"stage": index},
+                    )
+                    if not _has_metric(client, parent_id, f"{stage.name}_val_accuracy"):
+                        mlflow.log_metric(f"{stage.name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
+                state = {**state, "stage": index + 1, "epoch": -1, "rows": [], "stopped": False, "stopper": None,
+                         "histories": state["histories"] + [history.to_dict("records")]}  # fmt: skip
+                store.save(state, {"model": [keras_value(v) for v in model.variables]})
+                child_id = None
 
-        all_history = pd.concat(histories, ignore_index=True)
-        log_curves(client, parent_id, all_history, run_name, "curves.png")
-        client.log_text(parent_id, all_history.to_csv(index=False), "history.csv")
-        metrics: dict[str, float] = {}
-        for part, ds in eval_ds.items():
-            # The last stage already scored these very weights on val.
-            evaluation = last_eval if part == "val" else _evaluate(model, ds, folder.parts[part], folder.class_names)
-            log_evaluation(client, parent_id, evaluation, folder.class_names, part)
-            metrics.update({f"{part}_{k}": v for k, v in evaluation.metrics.items()})
-        model_uri = None
-        if recipe.tracking.log_model:
-            print("Logging the model to MLflow...")
-            model_uri = log_classifier(model, folder.class_names, recipe.data.resize, dump_recipe(recipe),
-                                       recipe.data.interpolation)  # fmt: skip
-
+            all_history = pd.concat(
+                [pd.DataFrame(rows).assign(stage=recipe.stages[i].name) for i, rows in enumerate(state["histories"])],
+                ignore_index=True,
+            )
+            log_curves(client, parent_id, all_history, run_name, "curves.png")
+            client.log_text(parent_id, all_history.to_csv(index=False), "history.csv")
+            metrics: dict[str, float] = {}
+            for part, ds in eval_ds.items():
+                if part == "val" and last_eval is not None:
+                    evaluation = last_eval  # The last stage already scored these very weights on val.
+                else:
+                    evaluation = _evaluate(model, ds, folder.parts[part], folder.class_names)
+                log_evaluation(client, parent_id, evaluation, folder.class_names, part)
+                metrics.update({f"{part}_{k}": v for k, v in evaluation.metrics.items()})
+            model_uri = None
+            if recipe.tracking.log_model:
+                print("Logging the model to MLflow...")
+                model_uri = log_classifier(model, folder.class_names, recipe.data.resize, dump_recipe(recipe),
+                                           recipe.data.interpolation)  # fmt: skip
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        for run_id in (child_id, parent_id):
+            if run_id:
+                client.set_terminated(run_id, status)
+        if parent_id and store is not None and store.paths():
+            print(f"\nRun {parent_id} stopped ({type(exc).__name__}); marked {status}. Its checkpoint is kept in "
+                  f"{store.folder}.\nResume it with the same command plus --resume "
+                  f"(or: tltoolkit run ... --resume {parent_id}).", file=sys.stderr)  # fmt: skip
+        raise
+    store.remove()
     _print_done(parent_id, experiment_name, uri, metrics)
+    stage_runs = {recipe.stages[i].name: run_id for i, run_id in enumerate(state["stage_runs"])}
     return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)
 
 
-def _run_stage(client, run_id, index, recipe, training, backbone, folder, title, verbose):
+def keras_value(variable):
+    import keras
+
+    return keras.ops.convert_to_numpy(variable)
+
+
+def _log_parent_inputs(client, parent_id: str, recipe: Recipe, folder, dataset: str) -> None:
+    """What a new run logs once: the flattened recipe, image counts, the resolved recipe and the data report."""
+    import mlflow
+
+    from tltoolkit.tracking.reports import log_data_report
+
+    mlflow.log_params(recipe.flat())
+    mlflow.log_params({"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}})
+    mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
+    log_data_report(client, parent_id, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
+        manifest = mlflow.data.from_pandas(folder.manifest(), source=str(folder.root.resolve()), name=dataset)
+        mlflow.log_input(manifest, context="training")
+
+
+def _stage_run_id(client, experiment_id: str, parent_id: str, index: int, state: dict) -> str | None:
+    """The child run of stage `index` when resuming into it (from the checkpoint, or one made just before a kill)."""
+    if index < len(state["stage_runs"]):
+        return state["stage_runs"][index]
+    earlier = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`tltoolkit.stage_index` = '{index}'",
+    )
+    return earlier[0].info.run_id if earlier else None
+
+
+def _has_metric(client, run_id: str, key: str) -> bool:
+    return key in client.get_run(run_id).data.metrics
+
+
+def _log_missing_epochs(client, run_id: str, rows: list[dict]) -> None:
+    """Epochs the checkpoint holds whose metrics did not reach MLflow before the kill (it is written first)."""
+    from mlflow.entities import Metric
+
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    now = int(time.time() * 1000)
+    missing = [
+        Metric(key, float(value), now, int(row["epoch"]))
+        for row in rows
+        if int(row["epoch"]) not in logged
+        for key, value in sorted(row.items())
+        if key != "epoch"
+    ]
+    if missing:
+        client.log_batch(run_id, metrics=missing)
+
+
+def _run_stage(client, run_id, index, recipe, training, backbone, folder, title, verbose, resume, store, state):
     """Fits stage `index` inside its (active) child run and logs its params, curves and final evaluation."""
     import mlflow
 
@@ -167,8 +369,9 @@ def _run_stage(client, run_id, index, recipe, training, backbone, folder, title,
     started = time.perf_counter()
     outcome = fit_stage(
         training.model, backbone, recipe, stage, training.train, training.eval["val"], training.class_weight,
-        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose, features=training.features,
-    )
+        callbacks=[MlflowMetrics(run_id, client)], verbose=verbose, features=training.features, stream=index,
+        resume=resume, checkpoints=store, checkpoint_state=state,
+    )  # fmt: skip
     wall = time.perf_counter() - started
     mlflow.log_params({
         "frozen_layers": outcome.trainable.frozen_layers,
@@ -185,7 +388,7 @@ def _run_stage(client, run_id, index, recipe, training, backbone, folder, title,
     evaluation = evaluate_items(folder.parts["val"], outcome.predict_val(), folder.class_names)
     log_evaluation(client, run_id, evaluation, folder.class_names, "final_val")
     print(f"Stage {stage.name!r} done in {wall:.0f}s: val accuracy {evaluation.metrics['accuracy']:.4f}")
-    return history, evaluation
+    return outcome.history, evaluation
 
 
 def _evaluate(model, ds, items, class_names):

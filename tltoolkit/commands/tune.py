@@ -21,6 +21,7 @@ import pandas as pd
 
 from tltoolkit.errors import RecipeError, TltoolkitError
 from tltoolkit.recipe import Recipe, dump_recipe
+from tltoolkit.tracking.processes import PROCESS_TAG, mark_dead_runs_killed, process_tag
 
 STATE_FILE = "tltoolkit.json"
 
@@ -143,6 +144,7 @@ def tune(
     state = {} if overwrite or role == "worker" else _read_state(state_path)
     if state and role == "chief":
         _check_resumable(state, fingerprints, state_path, uri, experiment_id)
+    mark_dead_runs_killed(client, keep={state["parent_run_id"]} if state.get("parent_run_id") else set())
 
     from tltoolkit.tuning.tuner import RecipeTuner, TrialRunner
 
@@ -165,6 +167,7 @@ def tune(
     elif state.get("parent_run_id"):
         parent_id = state["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
+        client.set_tag(parent_id, PROCESS_TAG, process_tag())
         print(f"Resuming search {name!r} from {project}: MLflow parent run {parent_id} continues.")
     else:
         parent_id = _start_parent(client, experiment_id, recipe, name, data_dir, project)
@@ -275,7 +278,7 @@ def _start_parent(client, experiment_id: str, recipe: Recipe, name: str, data_di
         "tltoolkit.kind": "tune", "tltoolkit.search": name, "tltoolkit.recipe": recipe.name or "recipe",
         "tltoolkit.backbone": recipe.backbone.name, "tltoolkit.weights": recipe.backbone.weights,
         "tltoolkit.dataset": Path(data_dir).resolve().name, "tltoolkit.data_dir": str(Path(data_dir).resolve()),
-        "tltoolkit.tuner_dir": str(project.resolve()), **recipe.tracking.tags,
+        "tltoolkit.tuner_dir": str(project.resolve()), PROCESS_TAG: process_tag(), **recipe.tracking.tags,
     }  # fmt: skip
     run = client.create_run(experiment_id, run_name=recipe.tracking.run_name or f"tune-{name}", tags=tags)
     search = recipe.search
@@ -335,7 +338,7 @@ def _run_trial(client, experiment_id, parent_id, recipe: Recipe, runner, trial, 
     _supersede(client, experiment_id, parent_id, trial_id)
     tags = {"mlflow.parentRunId": parent_id, "tltoolkit.kind": "trial", "tltoolkit.trial": trial_id,
             "tltoolkit.recipe": recipe.name or "recipe", "tltoolkit.backbone": resolved.backbone.name,
-            "tltoolkit.tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0")}  # fmt: skip
+            "tltoolkit.tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"), PROCESS_TAG: process_tag()}  # fmt: skip
     run = client.create_run(experiment_id, run_name=f"trial-{trial_id}", tags=tags)
     run_id = run.info.run_id
     trial_runs[trial_id] = run_id

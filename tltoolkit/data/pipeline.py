@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -41,12 +43,94 @@ def _decode(size: int, resize: str, interpolation: str):
     return load
 
 
+def epoch_stream(examples: tf.data.Dataset, size: int, batch_size: int, seed: int, stream: int = 0,
+                 first_epoch: int = 0, last_epoch: int = 1) -> tf.data.Dataset:  # fmt: skip
+    """Batches of epochs `first_epoch` to `last_epoch - 1`, one after another, each epoch's order a function of
+    `(seed, stream, epoch)` alone.
+
+    tf.data's `reshuffle_each_iteration` draws each epoch's order from a generator that lives in the process, so a
+    resumed training could not get back the order epoch 7 would have had. Here epoch `e` is shuffled with its own
+    seed, so a stream started at `first_epoch=e` yields exactly what the uninterrupted one yields from epoch `e` on.
+    Fit it with `steps_per_epoch` (Keras then keeps one iterator across epochs).
+
+    Args:
+        examples: Unbatched examples (cached upstream if they are expensive to make).
+        size: How many examples (the whole set is one shuffle buffer).
+        batch_size: Batch size; an epoch's last batch may be smaller, and no batch spans two epochs.
+        seed: The recipe's seed.
+        stream: Separates streams that share a seed (one per stage), so stages do not repeat each other's orders.
+        first_epoch: The epoch to start at.
+        last_epoch: One past the last epoch.
+    """
+    base = (seed * 1_000_003 + stream * 10_007) % 2**31
+    # `shuffle` takes its seed as a Python value, so each epoch is its own dataset (they share `examples` and its
+    # cache); `choose_from_datasets` strings them together without nesting.
+    epochs = [
+        examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False).batch(batch_size)
+        for epoch in range(first_epoch, last_epoch)
+    ]
+    if not epochs:
+        return examples.batch(batch_size).take(0)
+    if len(epochs) == 1:
+        return epochs[0]
+    steps = steps_per_epoch(size, batch_size)
+    choice = tf.data.Dataset.range(len(epochs)).flat_map(lambda i: tf.data.Dataset.from_tensors(i).repeat(steps))
+    return tf.data.Dataset.choose_from_datasets(epochs, choice)
+
+
+def steps_per_epoch(size: int, batch_size: int) -> int:
+    """Batches in one epoch of `size` examples (the last one may be partial)."""
+    return max(1, math.ceil(size / batch_size))
+
+
+class TrainingBatches:
+    """The training set: decoded (and cached) once, served as an endless, resumable stream of shuffled epochs.
+
+    Args:
+        items: `(path, label)` pairs from `prepare_data`.
+        num_classes: Width of the one-hot labels.
+        config: The recipe's `data` section (image size, batch size, resize mode, cache, augmentation).
+        seed: Seeds the epochs' orders and the augmentation.
+
+    `epochs(stream, first_epoch, last_epoch)` gives the batches of `epoch_stream`, cast to float32 with one-hot labels
+    and augmented; `steps_per_epoch` is what `fit` needs with them.
+    """
+
+    def __init__(self, items: list[Item], num_classes: int, config: DataConfig, seed: int = 42):
+        self.items, self.num_classes, self.config, self.seed = items, num_classes, config, seed
+        self.steps_per_epoch = steps_per_epoch(len(items), config.batch_size)
+        self._examples = _decoded(items, config)
+
+    def epochs(self, stream: int = 0, first_epoch: int = 0, last_epoch: int = 1) -> tf.data.Dataset:
+        ds = epoch_stream(self._examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch,
+                          last_epoch)  # fmt: skip
+        ds = ds.map(_to_float(self.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+        augmenter = build_augmenter(self.config.augment, self.seed)
+        if augmenter is not None:
+            ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _decoded(items: list[Item], config: DataConfig) -> tf.data.Dataset:
+    """`(uint8 image, label)` examples in file order, decoded in parallel, cached in memory if `config.cache`."""
+    paths = np.array([path for path, _ in items], dtype=object).astype(str)
+    labels = np.array([label for _, label in items], dtype=np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    load = _decode(config.image_size, config.resize, config.interpolation)
+    ds = ds.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.cache() if config.cache else ds
+
+
+def _to_float(num_classes: int):
+    return lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes))
+
+
 def image_dataset(
     items: list[Item],
     num_classes: int,
     config: DataConfig,
     *,
-    training: bool,
+    training: bool = False,
     seed: int = 42,
 ) -> tf.data.Dataset:
     """Batches of `(float32 RGB pixels in [0, 255], one-hot labels)`.
@@ -55,24 +139,14 @@ def image_dataset(
         items: `(path, label)` pairs from `prepare_data`.
         num_classes: Width of the one-hot labels.
         config: The recipe's `data` section (image size, batch size, resize mode, cache, augmentation).
-        training: Shuffle every epoch and augment. Evaluation pipelines keep the file order.
+        training: One shuffled, augmented epoch (epoch 0 of `TrainingBatches`; train with `TrainingBatches` itself).
+            Otherwise the file order, no augmentation.
         seed: Seeds shuffling and augmentation.
     """
-    paths = np.array([path for path, _ in items], dtype=object).astype(str)
-    labels = np.array([label for _, label in items], dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    load = _decode(config.image_size, config.resize, config.interpolation)
-    ds = ds.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if config.cache:
-        ds = ds.cache()
     if training:
-        ds = ds.shuffle(len(items), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(config.batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
-    augmenter = build_augmenter(config.augment, seed) if training else None
-    if augmenter is not None:
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        return TrainingBatches(items, num_classes, config, seed).epochs()
+    ds = _decoded(items, config).batch(config.batch_size)
+    return ds.map(_to_float(num_classes), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def image_batches(paths: list[str], config: DataConfig) -> tf.data.Dataset:

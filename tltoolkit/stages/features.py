@@ -98,7 +98,7 @@ class CachedInputs:
     """What a stage fits on when its frozen prefix is cached."""
 
     model: keras.Model  # The layers above the cut (shared with the full classifier), from features to probabilities.
-    train: tf.data.Dataset
+    train: tf.data.Dataset  # The stage's epochs (see `epoch_stream`), in the image stream's order.
     val: tf.data.Dataset
     cut: str  # The first layer above the cut, or "head" when the whole backbone is frozen.
 
@@ -133,8 +133,12 @@ class FeatureSource:
             return "augmentation runs before the frozen layers"
         return None
 
-    def inputs(self, model: keras.Model, backbone: keras.Model, frozen: int, verbose: bool = True) -> CachedInputs | None:
-        """Cached features and the top model for a stage whose first `frozen` backbone layers are frozen, or `None`."""
+    def inputs(self, model: keras.Model, backbone: keras.Model, frozen: int, verbose: bool = True, stream: int = 0,
+               first_epoch: int = 0, last_epoch: int = 1) -> CachedInputs | None:  # fmt: skip
+        """Cached features and the top model for a stage whose first `frozen` backbone layers are frozen, or `None`.
+
+        `stream`, `first_epoch` and `last_epoch` are those of the stage's `TrainingBatches.epochs`, so batches match.
+        """
         if self.usable(frozen) is not None:
             return None
         whole = frozen >= len(backbone.layers)
@@ -163,7 +167,7 @@ class FeatureSource:
         features = self.cache.get(key, compute)
         top = _top_model(model, backbone, cut, whole)
         train = _feature_dataset(features["train"], self.parts["train"], self.num_classes, self.data.batch_size,
-                                 shuffle_seed=self.seed)  # fmt: skip
+                                 (self.seed, stream, first_epoch, last_epoch))  # fmt: skip
         val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
         return CachedInputs(top, train, val, above)
 
@@ -199,14 +203,15 @@ class _Progress(keras.callbacks.Callback):
             print(f"  {done}/{self.total} images, {done / max(now - self.started, 1e-9):.1f} images/s")
 
 
-def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: int, shuffle_seed: int | None = None):
-    """Batches of `(features, one-hot labels)`; with a seed, reshuffled each epoch exactly as `image_dataset` does."""
+def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: int, epochs: tuple | None = None):
+    """Batches of `(features, one-hot labels)`: with `epochs` = `(seed, stream, first_epoch, last_epoch)`, the
+    shuffled epochs of `epoch_stream`, in the very order of the image stream; else one pass in file order."""
+    from tltoolkit.data.pipeline import epoch_stream
+
     labels = np.array([label for _, label in items], dtype=np.int32)
     x = features[0] if len(features) == 1 else tuple(features)
     ds = tf.data.Dataset.from_tensor_slices((x, labels))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(items), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    ds = epoch_stream(ds, len(items), batch_size, *epochs) if epochs is not None else ds.batch(batch_size)
     return ds.map(lambda f, y: (f, tf.one_hot(y, num_classes))).prefetch(tf.data.AUTOTUNE)
 
 

@@ -168,11 +168,11 @@ class TrialRunner:
             backbone = self.backbone(recipe)
             check_points(backbone, recipe.backbone.freeze, recipe.stages)
             training = prepare_training(recipe, folder, backbone, seed)
-            for stage in recipe.stages:
+            for index, stage in enumerate(recipe.stages):
                 prefix = (f"e{execution}/" if execution else "") + f"{stage.name}/"
                 outcome = fit_stage(
                     training.model, backbone, recipe, stage, training.train, training.eval["val"],
-                    training.class_weight, callbacks_for(prefix), self.verbose, training.features,
+                    training.class_weight, callbacks_for(prefix), self.verbose, training.features, stream=index,
                 )  # fmt: skip
                 histories.append(outcome.history.assign(stage=stage.name, execution=execution))
                 evaluation = evaluate_items(folder.parts["val"], outcome.predict_val(), folder.class_names)

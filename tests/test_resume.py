@@ -1,0 +1,188 @@
+"""Kill and resume: a real SIGKILL in each stage, SIGTERM, Ctrl-C between checkpoint and MLflow, dead runs swept."""
+
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+import tltoolkit
+from conftest import cli, tiny_recipe, wait_until
+from tltoolkit.errors import ResumeError
+from tltoolkit.tracking.models import load_classifier
+from tltoolkit.tracking.processes import PROCESS_TAG, mark_dead_runs_killed, process_tag
+
+
+def resumable_recipe(**changes) -> dict:
+    return tiny_recipe(
+        head={"dense": [8], "dropout": 0.3},  # Dropout: its seed state must resume too.
+        stages=[
+            {"name": "head", "epochs": 3, "optimizer": {"learning_rate": 1e-2}, "schedule": {"name": "cosine"}},
+            {"name": "finetune", "epochs": 3, "unfreeze": "all", "optimizer": {"learning_rate": 1e-3},
+             "early_stopping": {"monitor": "val_loss", "patience": 5}},
+        ],
+        **changes,
+    )
+
+
+def all_runs(client):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def runs_of(client, experiment):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def stage_run(client, experiment, name):
+    return next(r for r in runs_of(client, experiment) if r.data.tags.get("tltoolkit.stage") == name)
+
+
+def epochs_logged(client, run_id, key="loss"):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_killed_in_each_stage_resumes_the_same_runs_to_the_same_weights(image_folder, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(resumable_recipe()))
+    client = MlflowClient()
+    log = tmp_path / "run.log"
+    command = ("run", str(path), "--data", str(image_folder), "--experiment", "resumed")
+
+    def logged(stage, epochs):
+        def check():
+            runs = [r for r in runs_of(client, "resumed") if r.data.tags.get("tltoolkit.stage") == stage]
+            return bool(runs) and len(epochs_logged(client, runs[0].info.run_id)) >= epochs
+        return check
+
+    process = cli(*command, log=log, slow=tmp_path / "slow")
+    wait_until(logged("head", 1), process, what="the head stage's first epoch")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    parent = next(r for r in runs_of(client, "resumed") if r.data.tags.get("tltoolkit.kind") == "run")
+    assert parent.info.status == "RUNNING", "SIGKILL leaves it RUNNING until the toolkit next starts"
+
+    process = cli(*command, "--resume", log=log, slow=tmp_path / "slow")
+    wait_until(logged("finetune", 1), process, what="the fine-tune stage's first epoch")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert subprocess.run([sys.executable, "-m", "tltoolkit", *command, "--resume"], stdout=log.open("a"),
+                          stderr=subprocess.STDOUT).returncode == 0, log.read_text()[-3000:]  # fmt: skip
+    text = log.read_text()
+    assert "Resuming run" in text and "resuming at epoch 2" in text
+
+    runs = runs_of(client, "resumed")
+    parents = [r for r in runs if r.data.tags.get("tltoolkit.kind") == "run"]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id], "the same parent run, continued"
+    stages = {r.data.tags["tltoolkit.stage"]: r for r in runs if r.data.tags.get("tltoolkit.kind") == "stage"}
+    assert sorted(stages) == ["finetune", "head"] and len(runs) == 3, "one child run per stage, continued"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in stages.values():
+        for key in ("loss", "val_accuracy", "learning_rate"):
+            assert epochs_logged(client, run.info.run_id, key) == [0, 1, 2], f"{key}: each epoch exactly once"
+    assert stages["finetune"].data.params["trainable_backbone_layers"] == "3", "fine-tune resumed unfrozen"
+    head_lr = [m.value for m in client.get_metric_history(stages["head"].info.run_id, "learning_rate")]
+    assert head_lr[0] > head_lr[1] > head_lr[2], "the cosine schedule went on from the restored step"
+    assert not (tmp_path / "mlruns" / "checkpoints" / parent.info.run_id).exists(), "removed once finished"
+
+    reference = tltoolkit.run(path, image_folder, experiment="straight", verbose=0)
+    resumed = load_classifier(parent.info.run_id).model
+    assert len(reference.model.weights) == len(resumed.weights)
+    for a, b in zip(reference.model.weights, resumed.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    assert client.get_run(parent.info.run_id).data.metrics["val_loss"] == reference.metrics["val_loss"]
+
+
+def test_sigterm_marks_runs_killed_keeps_the_checkpoint_and_says_how_to_resume(image_folder, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(resumable_recipe()))
+    client = MlflowClient()
+    log = tmp_path / "run.log"
+    process = cli("run", str(path), "--data", str(image_folder), log=log, slow=tmp_path / "slow")
+
+    def first_epoch():
+        runs = [r for r in all_runs(client) if r.data.tags.get("tltoolkit.stage") == "head"]
+        return bool(runs) and bool(epochs_logged(client, runs[0].info.run_id))
+
+    wait_until(first_epoch, process, what="the first epoch")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    runs = all_runs(client)
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2
+    parent = next(r for r in runs if r.data.tags["tltoolkit.kind"] == "run")
+    assert list((tmp_path / "mlruns" / "checkpoints" / parent.info.run_id).glob("checkpoint-*.npz"))
+    text = log.read_text()
+    assert "marked KILLED" in text and f"--resume {parent.info.run_id}" in text and "Traceback" not in text
+
+    result = tltoolkit.run(path, image_folder, resume=parent.info.run_id, verbose=0)
+    assert result.run_id == parent.info.run_id
+    assert {r.info.status for r in all_runs(client)} == {"FINISHED"}
+
+
+def test_ctrl_c_after_a_checkpoint_before_mlflow_logs_each_epoch_once(image_folder, monkeypatch):
+    from tltoolkit.tracking.callback import MlflowMetrics
+
+    original = MlflowMetrics.on_epoch_end
+
+    def interrupted(self, epoch, logs=None):
+        if self.run_id == state["head"] and epoch == 1:
+            raise KeyboardInterrupt  # The checkpoint of epoch 1 is written; MLflow has not seen the epoch.
+        original(self, epoch, logs)
+
+    state = {}
+    original_init = MlflowMetrics.__init__
+
+    def remember(self, run_id, client=None, prefix=""):
+        state.setdefault("head", run_id)
+        original_init(self, run_id, client, prefix)
+
+    monkeypatch.setattr(MlflowMetrics, "__init__", remember)
+    monkeypatch.setattr(MlflowMetrics, "on_epoch_end", interrupted)
+    recipe = resumable_recipe()
+    with pytest.raises(KeyboardInterrupt):
+        tltoolkit.run(recipe, image_folder, verbose=0)
+    client = MlflowClient()
+    assert epochs_logged(client, state["head"]) == [0]
+    assert client.get_run(state["head"]).info.status == "KILLED"
+    monkeypatch.setattr(MlflowMetrics, "on_epoch_end", original)
+
+    result = tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    assert result.stage_runs["head"] == state["head"]
+    assert epochs_logged(client, state["head"]) == [0, 1, 2], "epoch 1 logged from the checkpoint, once"
+    assert list(result.history[result.history.stage == "head"]["epoch"]) == [0, 1, 2]
+
+
+def test_resume_refuses_what_it_cannot_continue(image_folder):
+    recipe = resumable_recipe()
+    with pytest.raises(ResumeError, match="Nothing to resume.*without --resume"):
+        tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    done = tltoolkit.run(recipe, image_folder, verbose=0)
+    with pytest.raises(ResumeError, match="already finished"):
+        tltoolkit.run(recipe, image_folder, resume=done.run_id, verbose=0)
+    with pytest.raises(ResumeError, match="no such run"):
+        tltoolkit.run(recipe, image_folder, resume="0123456789abcdef", verbose=0)
+
+
+def test_runs_of_dead_processes_are_marked_killed_and_live_ones_kept(tmp_path):
+    client = MlflowClient()
+    experiment = client.create_experiment("sweep")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    host = process_tag().split(":")[0]
+    tags = {
+        "dead": f"{host}:{dead_pid}:",
+        "reused_pid": f"{host}:{process_tag().split(':')[1]}:1",  # Our pid, another start time: a dead owner.
+        "alive": process_tag(),
+        "elsewhere": "another-host:1:1",
+        "resumed": f"{host}:{dead_pid}:",
+    }
+    ids = {name: client.create_run(experiment, tags={PROCESS_TAG: tag}).info.run_id for name, tag in tags.items()}
+    killed = mark_dead_runs_killed(client, keep={ids["resumed"]})
+    assert sorted(killed) == sorted([ids["dead"], ids["reused_pid"]])
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"dead": "KILLED", "reused_pid": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING",
+                      "resumed": "RUNNING"}  # fmt: skip

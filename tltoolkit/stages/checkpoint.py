@@ -1,0 +1,190 @@
+"""Checkpoints, so a killed training resumes where it was: atomic files, and the newest readable one wins.
+
+A checkpoint is one `.npz` file: a JSON state (where the training is: stage, epoch, every epoch's logs so far, the
+MLflow run ids, early-stopping bookkeeping) and groups of arrays: `model` (every variable of the classifier,
+BatchNormalization statistics and dropout seed states included), `optimizer` (its step, moments and velocities) and
+`best` (early stopping's best weights). It is written to a temporary file in the same folder, flushed to disk and
+renamed over its final name, so a kill at any instant leaves either the old file or the new one, never half of one.
+The newest `keep` files are kept; when the newest cannot be read (a disk fault, a copy cut short), loading warns and
+falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tltoolkit.errors import ResumeError
+
+_NAME = re.compile(r"^checkpoint-(\d{6})\.npz$")
+
+
+@dataclass
+class Checkpoint:
+    """One saved moment of a training."""
+
+    state: dict
+    arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    path: Path | None = None
+
+
+class CheckpointStore:
+    """The checkpoint files of one training, in `folder`.
+
+    Args:
+        folder: Created if needed.
+        keep: How many of the newest files to keep (at least 2, so there is one to fall back to).
+    """
+
+    def __init__(self, folder: str | Path, keep: int = 2):
+        self.folder = Path(folder)
+        self.keep = max(2, keep)
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name))
+
+    def save(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> Path:
+        """Writes a new checkpoint atomically (temporary file, fsync, rename) and prunes the oldest."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        existing = self.paths()
+        number = int(_NAME.match(existing[-1].name).group(1)) + 1 if existing else 0
+        final = self.folder / f"checkpoint-{number:06d}.npz"
+        temporary = self.folder / f".{final.name}.{os.getpid()}.tmp"
+        payload = {"state": np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)}
+        for group, values in arrays.items():
+            payload.update({f"{group}.{i:05d}": np.asarray(v) for i, v in enumerate(values)})
+        try:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_folder(self.folder)
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that reads back whole; a warning names each unreadable one skipped."""
+        for path in reversed(self.paths()):
+            try:
+                return read_checkpoint(path)
+            except Exception as exc:  # A damaged zip raises BadZipFile, EOFError, ValueError, zlib.error...
+                warnings.warn(
+                    f"Checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); falling back to the one before.",
+                    stacklevel=2,
+                )
+        return None
+
+    def remove(self) -> None:
+        """Deletes every checkpoint file (after the training finished and its model is logged)."""
+        for path in self.paths():
+            path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Reads every array (so a damaged file fails here, by its CRC, not halfway through a restore)."""
+    with np.load(path, allow_pickle=False) as data:
+        state = json.loads(bytes(data["state"]).decode())
+        arrays: dict[str, list[np.ndarray]] = {}
+        for key in sorted(k for k in data.files if k != "state"):
+            group, _ = key.rsplit(".", 1)
+            arrays.setdefault(group, []).append(data[key])
+    return Checkpoint(state, arrays, path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def variable_values(variables) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def restore_variables(variables, values: list[np.ndarray], what: str, path: Path | None) -> None:
+    """Assigns saved values to `variables` in order, after checking that they fit one to one."""
+    variables = list(variables)
+    mismatch = len(variables) != len(values) or any(
+        tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values)
+    )
+    if mismatch:
+        raise ResumeError(
+            f"Checkpoint {path} holds {len(values)} {what} arrays that do not fit this training's {len(variables)} "
+            "variables: the recipe or the data's classes changed since it was written. Resume with the same recipe, "
+            "--set overrides and data, or start a new run without --resume."
+        )
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
+@dataclass
+class StageResume:
+    """Where a stage picks up: its epochs done so far and the state of its optimizer and early stopping."""
+
+    first_epoch: int  # Epochs already done (the next one to run, 0-based).
+    rows: list[dict]  # Their logs, as `fit` wrote them.
+    optimizer: list[np.ndarray]
+    stopper: dict | None = None  # EarlyStopping's wait, best, best_epoch, stopped_epoch.
+    best_weights: list[np.ndarray] | None = None
+    stopped: bool = False  # Early stopping had ended the stage.
+    path: Path | None = None
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Writes a checkpoint at the end of every epoch, before the epoch's metrics are logged anywhere.
+
+    Args:
+        store: Where.
+        classifier: The full model whose every variable is saved (the fit model may be its top, on cached features).
+        state: The training's own fields (run ids, finished stages...), merged into every checkpoint's state.
+        rows: The stage's epoch logs so far (a list `fit_stage` keeps appending to).
+        stopper: The stage's early stopping, if any.
+    """
+
+    def __init__(self, store: CheckpointStore, classifier: keras.Model, state: dict, rows: list[dict], stopper=None):
+        super().__init__()
+        self.store, self.classifier, self.state, self.rows, self.stopper = store, classifier, state, rows, stopper
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = {**self.state, "epoch": epoch, "rows": list(self.rows), "stopped": bool(self.model.stop_training)}
+        arrays = {
+            "model": variable_values(self.classifier.variables),
+            "optimizer": variable_values(self.model.optimizer.variables),
+        }
+        if self.stopper is not None:
+            best = self.stopper.best
+            state["stopper"] = {
+                "wait": self.stopper.wait,
+                "best": None if best is None else float(best),
+                "best_epoch": self.stopper.best_epoch,
+                "stopped_epoch": self.stopper.stopped_epoch,
+            }
+            if self.stopper.best_weights is not None:
+                arrays["best"] = [np.asarray(w) for w in self.stopper.best_weights]
+        self.store.save(state, arrays)

@@ -1,0 +1,73 @@
+"""Which process owns a run, so runs whose process died (SIGKILL, a crash, a power cut) do not stay RUNNING forever.
+
+Every run tltoolkit starts is tagged `tltoolkit.process` = `host:pid:start`, where `start` is the process's start
+time as the kernel counts it (so a pid reused by a later process is not mistaken for the owner). When the toolkit
+next connects to the store, RUNNING runs tagged with this host whose process is gone are marked KILLED. Runs of other
+hosts are left alone: from here their liveness cannot be known.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+PROCESS_TAG = "tltoolkit.process"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), or "" where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()  # Field 22 of stat(5), counted after the command name.
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tag() -> str:
+    """`host:pid:start` of this process."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def is_alive(tag: str) -> bool | None:
+    """Whether the process a tag names still runs: `None` when it ran on another host (unknowable from here)."""
+    host, _, rest = tag.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Someone else's live process.
+        pass
+    return not start or _start_time(pid) in ("", start)
+
+
+def mark_dead_runs_killed(client, keep: set[str] = frozenset()) -> list[str]:
+    """Marks KILLED every RUNNING run this host started whose process is gone; returns their ids.
+
+    Args:
+        client: An `MlflowClient` on the store.
+        keep: Run ids to leave alone (the runs about to be resumed).
+    """
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` LIKE '{host}:%'",
+        max_results=5000,
+    )
+    killed = []
+    for run in runs:
+        if run.info.run_id in keep or is_alive(run.data.tags.get(PROCESS_TAG, "")) is not False:
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        killed.append(run.info.run_id)
+    if killed:
+        print(f"Marked {len(killed)} run(s) KILLED whose process had died: {', '.join(r[:8] for r in killed)}.")
+    return killed
