@@ -1,3 +1,6 @@
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -148,3 +151,105 @@ def test_augmentation_runs_in_training_only(image_folder):
     assert np.array_equal(plain, again), "evaluation pipelines are deterministic"
     augmented = np.concatenate([x.numpy() for x, _ in image_dataset(items, 3, config, training=True)])
     assert not np.allclose(np.sort(plain.ravel()), np.sort(augmented.ravel()))
+
+
+def messy_folder(root: Path) -> tuple[dict[str, tuple[int, int, int]], set[str]]:
+    """Every kind of file a real photo folder holds: the usable ones (name -> colour) and the names to skip."""
+    write_images(root, per_class=3)
+    red, green = root / "red", root / "green"
+    usable = {
+        "gray.png": Image.fromarray(np.full((24, 24), 90, np.uint8), "L"),
+        "cmyk.jpg": Image.new("CMYK", (24, 24), (0, 255, 255, 0)),
+        "rgba.png": Image.new("RGBA", (24, 24), (200, 0, 0, 255)),
+        "palette.png": Image.new("RGB", (24, 24), (200, 0, 0)).convert("P"),
+        "deep16.png": Image.fromarray(np.full((24, 24), 50000, np.uint16)),
+        "photo.bmp": Image.new("RGB", (24, 24), (210, 10, 10)),
+        "photo.webp": Image.new("RGB", (24, 24), (210, 10, 10)),
+        "photo.tiff": Image.new("RGB", (24, 24), (210, 10, 10)),
+        "UPPER.JPG": Image.new("RGB", (24, 24), (210, 10, 10)),
+        "ñandú_蜂.png": Image.new("RGB", (24, 24), (210, 10, 10)),
+    }
+    for name, image in usable.items():
+        image.save(red / name)
+    frames = [Image.new("RGB", (24, 24), c) for c in ((220, 0, 0), (0, 0, 220))]
+    frames[0].save(red / "animated.gif", save_all=True, append_images=frames[1:])
+    rotated = np.zeros((10, 20, 3), np.uint8)
+    rotated[:, :10] = (250, 0, 0)  # Stored 20 wide, 10 high; EXIF says: turn 90 degrees clockwise to show.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rotated).save(green / "exif_rotated.jpg", exif=exif)
+    skipped = {"page.jpg", "empty.png", "truncated.jpg", "._red_0.png", ".hidden.png", "notes.txt", "bomb.png",
+               "._meta.png", "cover.png"}  # fmt: skip
+    (red / "page.jpg").write_text("<!doctype html><html>a saved web page</html>")
+    (red / "empty.png").write_bytes(b"")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(jpeg, "JPEG")
+    (green / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
+    (red / "._red_0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    Image.new("RGB", (24, 24)).save(green / ".hidden.png")
+    (green / "notes.txt").write_text("not an image")
+    Image.new("RGB", (200, 200)).save(green / "bomb.png")  # Over the (lowered) pixel limit below.
+    (root / "__MACOSX" / "red").mkdir(parents=True)
+    Image.new("RGB", (24, 24)).save(root / "__MACOSX" / "red" / "._meta.png")
+    Image.new("RGB", (24, 24)).save(root / "cover.png")  # Not inside a class folder.
+    return {**{n: None for n in usable}, "animated.gif": None, "exif_rotated.jpg": None}, skipped
+
+
+def test_a_messy_folder_uses_every_image_reports_every_skip_and_is_read_alike_everywhere(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from tltoolkit.data.folder import image_files
+    from tltoolkit.data.images import read_image
+    from tltoolkit.data.pipeline import image_batches
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 is then a decompression bomb.
+    root = tmp_path / "messy"
+    usable, skipped = messy_folder(root)
+    folder = prepare_data(root, val_split=0.25, seed=0, progress=False)
+    used = {Path(p).name for items in folder.parts.values() for p, _ in items}
+    reasons = {Path(p).name: r for p, r in folder.skipped_frame().itertuples(index=False)}
+    assert set(usable) <= used and not set(usable) & set(reasons)
+    assert set(reasons) == skipped
+    assert "decompression bomb" in reasons["bomb.png"] and "__MACOSX" in reasons["._meta.png"]
+    assert "hidden" in reasons[".hidden.png"] and "not inside a class folder" in reasons["cover.png"]
+    assert "not an image" in reasons["notes.txt"] and "truncated" in reasons["truncated.jpg"]
+    on_disk = sum(1 for p in root.rglob("*") if p.is_file())
+    assert len(used) + len(reasons) == on_disk, "files used + files skipped = files on disk"
+
+    gif = read_image(root / "red" / "animated.gif")
+    assert gif.getpixel((0, 0)) == (220, 0, 0), "a GIF is its first frame"
+    upright = read_image(root / "green" / "exif_rotated.jpg")
+    assert upright.size == (10, 20), "EXIF orientation honoured"
+    assert upright.getpixel((5, 2))[0] > 200 and upright.getpixel((5, 17))[0] < 60, "turned clockwise: red on top"
+    assert read_image(root / "red" / "cmyk.jpg").getpixel((5, 5))[0] > 200, "CMYK cyan-free is red in RGB"
+
+    # Prediction finds the same images in a class folder and decodes them to the same pixels as training.
+    for name in ("red", "green"):
+        predicted = image_files([root / name], progress=False)
+        assert {Path(p).name for p in predicted.images} == {n for n in used if (root / name / n).exists()}
+    config = DataConfig(image_size=16, batch_size=64)
+    items = sorted(p for part in folder.parts.values() for p in part)
+    training = np.concatenate([x.numpy() for x, _ in image_dataset(items, 3, config)])
+    predicting = np.concatenate([x.numpy() for x in image_batches([p for p, _ in items], config)])
+    np.testing.assert_array_equal(training, predicting)
+
+
+def test_a_rescan_decodes_only_new_or_changed_files(tmp_path, monkeypatch):
+    import tltoolkit.data.scan as scan
+
+    root = write_images(tmp_path / "ds", per_class=6)
+    decoded = []
+    original = scan.read_image
+    monkeypatch.setattr(scan, "read_image", lambda path, *a: decoded.append(Path(path).name) or original(path, *a))
+    first = prepare_data(root, progress=False)
+    assert len(decoded) == 18
+    decoded.clear()
+    again = prepare_data(root, progress=False)
+    assert decoded == [] and again.parts == first.parts, "unchanged files: verdicts from the cache"
+
+    changed = root / "red" / "red_0.png"
+    changed.write_bytes(b"<html>now a web page</html>")  # New size and mtime.
+    Image.new("RGB", (24, 24), (250, 0, 0)).save(root / "red" / "new.png")
+    third = prepare_data(root, progress=False)
+    assert sorted(decoded) == ["new.png", "red_0.png"]
+    assert [Path(s.path).name for s in third.skipped] == ["red_0.png"]

@@ -149,3 +149,15 @@ def test_shipped_freeze_points_exist_in_their_backbones(path):
     backbone = tltoolkit.create_backbone(recipe.backbone.name, weights="none", input_size=recipe.data.image_size)
     check_points(backbone, recipe.backbone.freeze, recipe.stages)
     keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("name", "../../escape"), ("name", "a/b"), ("search.name", ".."), ("search.name", "x\\y"),
+    ("search.directory", "../outside"), ("search.directory", "tuning/../../up"),
+])  # fmt: skip
+def test_names_and_folders_cannot_escape_where_they_point(field, value):
+    recipe = {"search": {"space": {"head.dropout": [0.0, 0.2]}}}
+    section, _, key = field.rpartition(".")
+    (recipe[section] if section else recipe)[key] = value
+    with pytest.raises(RecipeError, match=rf"`{field}`.*(plain name|climbs out)"):
+        load_recipe(recipe)

@@ -213,3 +213,12 @@ def test_ctrl_c_marks_the_runs_killed_and_the_same_call_resumes(image_folder, mo
     _, runs = trial_runs(client, "tiny")
     assert sorted(r.data.tags["tltoolkit.trial"] for r in runs if "tltoolkit.trial" in r.data.tags) == ["0", "1"]
     assert [r.info.status for r in runs if "tltoolkit.interrupted_trial" in r.data.tags] == ["KILLED"]
+
+
+def test_overwrite_never_deletes_a_folder_that_holds_no_search(image_folder, tmp_path):
+    precious = tmp_path / "tuning" / "tiny" / "thesis.tex"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("years of work")
+    with pytest.raises(RecipeError, match=r"would delete .*tiny.*does not hold a search"):
+        tltoolkit.tune(search_recipe(max_trials=1), image_folder, overwrite=True, verbose=0)
+    assert precious.read_text() == "years of work"

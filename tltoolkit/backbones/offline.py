@@ -20,9 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tltoolkit.cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV: re-exported, the variable users set)
 from tltoolkit.errors import BackboneError
-
-CACHE_ENV = "TLTOOLKIT_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -39,14 +38,6 @@ class PinnedCheckpoint:
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
-
-
-def cache_dir() -> Path:
-    """The toolkit's cache folder (not created here)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tltoolkit"
 
 
 def sha256_of(path: Path) -> str:

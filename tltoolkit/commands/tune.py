@@ -141,6 +141,11 @@ def tune(
                     "data": str(Path(data_dir).resolve())}  # fmt: skip
     client = MlflowClient(uri)
     state_path = project / STATE_FILE
+    if overwrite and role == "chief" and project.exists() and not (state_path.exists() or (project / "oracle.json").exists()):
+        raise RecipeError(
+            f"--overwrite would delete {project}, which does not hold a search (no {STATE_FILE} or oracle.json). "
+            "Set search.directory or search.name to a folder of its own."
+        )
     state = {} if overwrite or role == "worker" else _read_state(state_path)
     if state and role == "chief":
         _check_resumable(state, fingerprints, state_path, uri, experiment_id)

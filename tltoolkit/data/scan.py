@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,13 +45,77 @@ def list_files(folder: Path) -> list[Path]:
     return files
 
 
-def check_files(files: list[Path], progress: bool = True, workers: int | None = None) -> ScanResult:
+# Bump when what `check_files` accepts or rejects changes, so cached verdicts from older rules are not reused.
+SCAN_VERSION = 1
+
+
+class ScanCache:
+    """Verdicts of earlier scans, keyed by path, size and modification time: an unchanged file is not decoded again.
+
+    One JSON file per scanned folder in `<cache dir>/scans/`. A file whose size or mtime changed is checked again;
+    a damaged or foreign cache file is ignored (and rewritten).
+
+    Args:
+        root: The folder the files are under (names the cache file).
+        folder: Where cache files go. Defaults to `<tltoolkit cache>/scans`.
+    """
+
+    def __init__(self, root: Path, folder: Path | None = None):
+        from tltoolkit.cache import cache_dir
+
+        key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
+        self.path = (folder or cache_dir() / "scans") / f"{key}.json"
+        self.entries: dict[str, list] = {}
+        try:
+            saved = json.loads(self.path.read_text())
+            if saved.get("version") == SCAN_VERSION:
+                self.entries = saved["files"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+
+    @staticmethod
+    def signature(path: Path) -> list:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def get(self, path: Path) -> tuple[bool, str | None]:
+        """`(known, reason)`: whether an unchanged verdict exists, and the skip reason it holds (`None`: usable)."""
+        entry = self.entries.get(str(path))
+        try:
+            if entry is not None and entry[:2] == self.signature(path):
+                return True, entry[2]
+        except OSError:
+            pass
+        return False, None
+
+    def put(self, path: Path, reason: str | None) -> None:
+        try:
+            self.entries[str(path)] = [*self.signature(path), reason]
+        except OSError:  # Vanished since: nothing to remember.
+            pass
+
+    def save(self) -> None:
+        """Writes atomically; a cache that cannot be written (read-only home) only costs the next scan's time."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps({"version": SCAN_VERSION, "files": self.entries}))
+            os.replace(temporary, self.path)
+        except OSError:
+            pass
+
+
+def check_files(
+    files: list[Path], progress: bool = True, workers: int | None = None, cache: ScanCache | None = None
+) -> ScanResult:
     """Decodes every file once, in parallel (Pillow releases the GIL), keeping order.
 
     Args:
         files: The candidate files.
         progress: Show a progress bar. Defaults to `True`.
         workers: Threads. Defaults to twice the CPU count, at most 16.
+        cache: Earlier verdicts; files unchanged since (same size and mtime) are not decoded again, and the new
+            verdicts are saved to it.
 
     Returns:
         The files that decode as images, and the others with the reason each was skipped.
@@ -57,12 +123,15 @@ def check_files(files: list[Path], progress: bool = True, workers: int | None = 
     result = ScanResult()
     if not files:
         return result
+    known = {f: cache.get(f) for f in files} if cache is not None else {}
+    todo = [f for f in files if not known.get(f, (False, None))[0]]
     bar = None
-    if progress and len(files) > 1:
+    if progress and len(todo) > 1:
         from keras.utils import Progbar
 
-        print(f"Checking {len(files)} files...")
-        bar = Progbar(len(files), unit_name="file")
+        reused = len(files) - len(todo)
+        print(f"Checking {len(todo)} files" + (f" ({reused} unchanged since the last scan)..." if reused else "..."))
+        bar = Progbar(len(todo), unit_name="file")
 
     def check(path: Path) -> str | None:
         reason = skip_reason(path)
@@ -74,14 +143,21 @@ def check_files(files: list[Path], progress: bool = True, workers: int | None = 
         return reason
 
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    verdicts: dict[Path, str | None] = {f: known[f][1] for f in files if known.get(f, (False, None))[0]}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (path, reason) in enumerate(zip(files, pool.map(check, files)), start=1):
-            if reason is None:
-                result.images.append(str(path))
-            else:
-                result.skipped.append(SkippedFile(str(path), reason))
-            if bar is not None and (done % 32 == 0 or done == len(files)):
+        for done, (path, reason) in enumerate(zip(todo, pool.map(check, todo)), start=1):
+            verdicts[path] = reason
+            if cache is not None:
+                cache.put(path, reason)
+            if bar is not None and (done % 32 == 0 or done == len(todo)):
                 bar.update(done)
+    if cache is not None and todo:
+        cache.save()
+    for path in files:
+        if verdicts[path] is None:
+            result.images.append(str(path))
+        else:
+            result.skipped.append(SkippedFile(str(path), verdicts[path]))
     return result
 
 
@@ -118,7 +194,7 @@ def scan_class_folders(root: Path, progress: bool = True) -> tuple[list[str], li
         )
     names = [d.name for d in dirs]
     files = [(f, label) for label, d in enumerate(dirs) for f in list_files(d)]
-    checked = check_files([f for f, _ in files], progress=progress)
+    checked = check_files([f for f, _ in files], progress=progress, cache=ScanCache(root))
     skipped.extend(checked.skipped)
     good = set(checked.images)
     items = [(str(f), label) for f, label in files if str(f) in good]

@@ -7,6 +7,7 @@ A recipe describes everything a run needs. Every section has defaults, so `Recip
 from __future__ import annotations
 
 import re
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -249,6 +250,20 @@ class SearchConfig(_Section):
     name: str | None = Field(None, description="The search's folder under `directory`. Defaults to the recipe name.")
     space: dict[str, HyperparameterSpec] = Field(min_length=1, description="Dotted recipe path -> hyperparameter.")
 
+    @field_validator("name")
+    @classmethod
+    def _search_name_is_plain(cls, value: str | None) -> str | None:
+        return plain_name(value)
+
+    @field_validator("directory")
+    @classmethod
+    def _directory_stays_put(cls, value: str) -> str:
+        if ".." in PurePath(value).parts:
+            raise ValueError(
+                f"{value!r} climbs out with `..`; name the folder itself (relative to where you run, or absolute)"
+            )
+        return value
+
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
@@ -283,6 +298,11 @@ class Recipe(_Section):
     # Reserved for autoencoder pretraining (a later version).
     pretrain: Any = None
 
+    @field_validator("name")
+    @classmethod
+    def _recipe_name_is_plain(cls, value: str | None) -> str | None:
+        return plain_name(value)
+
     @field_validator("stages")
     @classmethod
     def _unique_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
@@ -316,6 +336,13 @@ class Recipe(_Section):
     def flat(self) -> dict[str, Any]:
         """The recipe as `{"dotted.path": value}`, list items by index, as logged to MLflow params."""
         return flatten(self.to_dict())
+
+
+def plain_name(value: str | None) -> str | None:
+    """A name that becomes a folder (a search's, a run's): one path component, so it cannot point elsewhere."""
+    if value is not None and (value in ("", ".", "..") or any(c in value for c in "/\\\0")):
+        raise ValueError(f"{value!r} must be a plain name (no `/`, `\\`, or `..`), as it names a folder")
+    return value
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

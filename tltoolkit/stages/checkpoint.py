@@ -56,6 +56,8 @@ class CheckpointStore:
     def save(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> Path:
         """Writes a new checkpoint atomically (temporary file, fsync, rename) and prunes the oldest."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".checkpoint-*.tmp"):  # Left by a process killed mid-write.
+            stale.unlink(missing_ok=True)
         existing = self.paths()
         number = int(_NAME.match(existing[-1].name).group(1)) + 1 if existing else 0
         final = self.folder / f"checkpoint-{number:06d}.npz"
