@@ -91,7 +91,13 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
     assert main(["run", str(recipe), "--data", str(single)]) == 2
     assert "single class" in capsys.readouterr().err
     assert main(["run", str(recipe), "--data", str(tmp_path), "--set", "backbone.freeze=nope_layer"]) == 2
-    assert "not a layer of test_tiny" in capsys.readouterr().err
+    assert "--set backbone.freeze=nope_layer: backbone.freeze='nope_layer' is not a layer of test_tiny" in capsys.readouterr().err
+    beyond = tiny_recipe()
+    beyond["stages"][1]["unfreeze"] = 500
+    recipe.write_text(yaml.safe_dump(beyond, sort_keys=False))
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "unfreeze: 500" in text)
+    assert main(["run", str(recipe), "--data", str(tmp_path / "never-read")]) == 2
+    assert f"{recipe}, line {line}: stages.1.unfreeze=500 exceeds the 11 layers of test_tiny" in capsys.readouterr().err
 
 
 def test_ui_binds_loopback_unless_hosts_are_allowed():

@@ -97,3 +97,21 @@ def test_class_weights():
     assert class_weights(HeadConfig(), [0, 1], ["a", "b"]) is None
     with pytest.raises(tltoolkit.TltoolkitError, match="zebra"):
         class_weights(HeadConfig(class_weight={"zebra": 2.0}), [0, 1], ["a", "b"])
+
+
+def test_same_seed_same_split_and_metrics_other_seed_other_split(image_folder):
+    from mlflow import MlflowClient
+
+    recipe = tiny_recipe(head={"dense": [8], "dropout": 0.3}, tracking={"log_model": False})
+    first = tltoolkit.run(recipe, image_folder, verbose=0)
+    second = tltoolkit.run(recipe, image_folder, verbose=0)
+    client = MlflowClient()
+
+    def split(result):
+        return client.download_artifacts(result.run_id, "data/manifest.csv")
+
+    assert open(split(first)).read() == open(split(second)).read()
+    assert first.metrics == second.metrics
+    assert first.history.drop(columns="stage").equals(second.history.drop(columns="stage"))
+    other = tltoolkit.run({**recipe, "seed": 7}, image_folder, verbose=0)
+    assert open(split(other)).read() != open(split(first)).read()

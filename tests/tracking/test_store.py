@@ -30,3 +30,33 @@ def test_unusable_store_folder_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(TrackingError, match="Cannot create the MLflow store folder"):
         connect(f"sqlite:///{blocker}/mlruns/mlflow.db", "x")
+
+
+def test_two_runs_writing_one_sqlite_store_at_once_both_finish(image_folder, tmp_path):
+    import yaml
+
+    from conftest import cli, tiny_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tracking={"log_model": False})))
+    store = tmp_path / "shared" / "mlflow.db"  # A fresh store: both processes create its tables at once, too.
+    uri = f"sqlite:///{store}"
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    processes = [cli("run", str(path), "--data", str(image_folder), "--tracking-uri", uri, "--experiment", "both",
+                     log=log) for log in logs]  # fmt: skip
+    for process, log in zip(processes, logs):
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+        assert "database is locked" not in log.read_text()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("both").experiment_id])
+    parents = [r for r in runs if r.data.tags["tltoolkit.kind"] == "run"]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in runs) and len(runs) == 6
+    for run in runs:
+        if run.data.tags["tltoolkit.kind"] == "stage":
+            epochs = 2 if run.data.tags["tltoolkit.stage"] == "head" else 1
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+                assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(epochs))
+    for parent in parents:
+        assert {"val_accuracy", "val_loss", "head_val_accuracy", "finetune_val_accuracy"} <= set(parent.data.metrics)

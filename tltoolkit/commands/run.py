@@ -14,7 +14,7 @@ import pandas as pd
 
 from tltoolkit.commands.interrupts import interrupts_raise
 from tltoolkit.errors import RecipeError, ResumeError
-from tltoolkit.recipe import Recipe, dump_recipe, load_recipe
+from tltoolkit.recipe import Recipe, dump_recipe, load_recipe, locate
 from tltoolkit.tracking.store import connect, default_tracking_uri, resolve_tracking_uri
 
 
@@ -74,6 +74,7 @@ def run(
     Raises:
         ResumeError: Nothing to resume, or the recipe or data changed since the checkpoint.
     """
+    source, overrides = recipe, list(overrides)
     recipe = _recipe(recipe, overrides)
     data_dir = data or recipe.data.dir
     if not data_dir:
@@ -98,7 +99,7 @@ def run(
 
     keras.utils.set_random_seed(recipe.seed)
     backbone = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
-    check_points(backbone, recipe.backbone.freeze, recipe.stages)
+    check_points(backbone, recipe.backbone.freeze, recipe.stages, lambda field: locate(source, field, overrides))
 
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
     print(folder.summary())
@@ -196,7 +197,7 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
     from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, restore_variables
     from tltoolkit.tracking.models import log_classifier
     from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
-    from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation
+    from tltoolkit.tracking.reports import log_curves, log_evaluation
 
     model, eval_ds = training.model, training.eval
     dataset = folder.root.resolve().name

@@ -104,8 +104,19 @@ def set_trainable(model: keras.Model, backbone: keras.Model, frozen: int, train_
     )
 
 
-def check_points(backbone: keras.Model, freeze: Any, stages) -> None:
-    """Resolves the freeze point and every stage's unfreeze point, so mistakes surface before data is read."""
-    frozen_prefix(backbone, freeze)
+def check_points(backbone: keras.Model, freeze: Any, stages, where=lambda field: "") -> None:
+    """Resolves the freeze point and every stage's unfreeze point, so mistakes surface before data is read.
+
+    Args:
+        where: Field -> a prefix saying where it was set (see `tltoolkit.recipe.locate`), put before each error.
+    """
+    try:
+        frozen_prefix(backbone, freeze)
+    except BackboneError as exc:
+        raise BackboneError(f"{where('backbone.freeze')}{exc}") from None
     for index, stage in enumerate(stages):
-        unfrozen_prefix(backbone, stage.unfreeze, freeze, field=f"stages.{index}.unfreeze")
+        field = f"stages.{index}.unfreeze"
+        try:
+            unfrozen_prefix(backbone, stage.unfreeze, freeze, field=field)
+        except BackboneError as exc:
+            raise BackboneError(f"{where(field)}{exc}") from None

@@ -1,6 +1,6 @@
 """Recipes: YAML in, a validated, frozen `Recipe` out."""
 
-from tltoolkit.recipe.loader import dump_recipe, load_recipe, parse_override
+from tltoolkit.recipe.loader import dump_recipe, load_recipe, locate, parse_override
 from tltoolkit.recipe.schema import (
     AugmentConfig,
     BackboneConfig,
@@ -29,5 +29,6 @@ __all__ = [
     "dump_recipe",
     "flatten",
     "load_recipe",
+    "locate",
     "parse_override",
 ]

@@ -191,6 +191,24 @@ def _allowed_fields(loc: list[str]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def locate(source, field: str, overrides: Iterable[str] = ()) -> str:
+    """Where a recipe field was set, as a message prefix: `"--set a.b=1: "`, `"recipes/x.yaml, line 12: "` or `""`.
+
+    For errors found after validation (a freeze point the built backbone lacks), so they point at the line too.
+    """
+    for override in overrides:
+        if override.split("=", 1)[0].strip() == field:
+            return f"--set {override}: "
+    if isinstance(source, dict) or source is None or not Path(source).is_file():
+        return ""
+    try:
+        node = yaml.compose(Path(source).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return ""
+    line = _line_of(node, field.split(".")) if node is not None else None
+    return f"{source}, line {line}: " if line else f"{source}: "
+
+
 def _line_of(node: yaml.Node, loc: list[str]) -> int | None:
     """The 1-based line of the deepest YAML node on `loc` that exists in the file."""
     line = None
