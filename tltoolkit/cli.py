@@ -26,6 +26,10 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/mobilenet_v2.yaml")
     parser.add_argument("--data", help="image folder: class subfolders, or train/ + val/ [+ test/] subfolders")
     parser.add_argument(
+        "--unlabeled", metavar="DIR",
+        help="folder of unlabelled images (any depth) for a recipe's autoencoder pretraining (default: data.unlabeled)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
         help="override a recipe field before validation, e.g. --set stages.0.epochs=5 (repeatable)",
     )
@@ -146,13 +150,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from tltoolkit.commands.run import run
 
-        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment, resume=args.resume)
+        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment, resume=args.resume,
+            unlabeled=args.unlabeled)  # fmt: skip
     elif args.command == "tune":
         from tltoolkit.commands.tune import tune
 
         tune(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment,
              overwrite=args.overwrite, then_run=args.then_run, distributed=args.distributed,
-             oracle_address=args.oracle_address, worker_id=args.worker_id)  # fmt: skip
+             oracle_address=args.oracle_address, worker_id=args.worker_id, unlabeled=args.unlabeled)  # fmt: skip
     elif args.command == "demo":
         from tltoolkit.commands.run import run
         from tltoolkit.data.demo import write_digits

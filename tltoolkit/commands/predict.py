@@ -31,7 +31,8 @@ def predict(
         batch_size: Images per batch. Defaults to 32.
 
     Returns:
-        One row per readable image: `path`, then `class_1`, `probability_1`, ... `class_k`, `probability_k`.
+        One row per readable image: `path`, then `class_1`, `probability_1`, ... `class_k`, `probability_k`; for a
+        model with an autoencoder, also `reconstruction_error` and `anomaly` (above the threshold stored with it).
         Unreadable files are reported on stderr with the reason.
     """
     import mlflow
@@ -47,7 +48,25 @@ def predict(
     config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, interpolation=loaded.interpolation,
                         batch_size=batch_size, cache=False)
     probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
-    return _top_k_table(images, probabilities, loaded.class_names, top_k, output)
+    extra = {}
+    if loaded.autoencoder is not None:
+        errors = _reconstruction_errors(loaded, image_batches(images, config))
+        extra = {"reconstruction_error": errors, "anomaly": errors > loaded.anomaly_threshold}
+        flagged = int(extra["anomaly"].sum())
+        print(f"Anomaly scores: {flagged} of {len(images)} image(s) reconstruct worse than the training images' "
+              f"threshold {loaded.anomaly_threshold:.5f} (column `anomaly`).", file=sys.stderr)  # fmt: skip
+    return _top_k_table(images, probabilities, loaded.class_names, top_k, output, extra)
+
+
+def _reconstruction_errors(loaded, batches):
+    """Each image's reconstruction error by the model's autoencoder, as its threshold was calibrated."""
+    import numpy as np
+
+    from tltoolkit.model.metrics import reconstruction_error
+
+    return np.concatenate([
+        reconstruction_error(loaded.autoencoder.predict_on_batch(x), x.numpy(), loaded.anomaly_loss) for x in batches
+    ])
 
 
 def predict_imagenet(
@@ -109,8 +128,9 @@ def _readable_images(paths: list[str | Path]) -> list[str]:
     return found.images
 
 
-def _top_k_table(images, probabilities, class_names, top_k: int, output) -> pd.DataFrame:
-    """`path`, then `class_1`, `probability_1`, ... for the `top_k` most probable classes; written to `output`."""
+def _top_k_table(images, probabilities, class_names, top_k: int, output, extra: dict | None = None) -> pd.DataFrame:
+    """`path`, then `class_1`, `probability_1`, ... for the `top_k` most probable classes, then `extra` columns;
+    written to `output`."""
     import numpy as np
 
     k = max(1, min(top_k, len(class_names)))
@@ -120,6 +140,8 @@ def _top_k_table(images, probabilities, class_names, top_k: int, output) -> pd.D
     for rank in range(k):
         table[f"class_{rank + 1}"] = names[order[:, rank]]
         table[f"probability_{rank + 1}"] = np.take_along_axis(probabilities, order[:, rank : rank + 1], axis=1)[:, 0]
+    for column, values in (extra or {}).items():
+        table[column] = values
     if output:
         table.to_csv(output, index=False, float_format="%.6f")
         print(f"Wrote {len(table)} predictions to {output}.", file=sys.stderr)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from tltoolkit.commands.interrupts import interrupts_raise
@@ -47,6 +48,7 @@ def run(
     experiment: str | None = None,
     verbose: int | None = None,
     resume: bool | str = False,
+    unlabeled: str | Path | None = None,
 ) -> RunResult:
     """Trains a classifier as the recipe says and tracks it in MLflow; resumable after a kill.
 
@@ -67,6 +69,8 @@ def run(
         verbose: Keras fit verbosity (see `fit_stage`).
         resume: `True`: continue the newest unfinished run of this very recipe (overrides included) on this data
             folder, in the same stage and epoch, with the same MLflow run ids. A run id: continue that run.
+        unlabeled: Unlabelled images for a recipe's `pretrain.autoencoder`. Defaults to the recipe's
+            `data.unlabeled`.
 
     Returns:
         A `RunResult` with the parent run id, final metrics and the trained model.
@@ -93,12 +97,18 @@ def run(
     experiment_name = experiment or recipe.tracking.experiment
     experiment_id = connect(uri, experiment_name)
     client = MlflowClient(uri)
-    key = _resume_key(recipe, data_dir)
+    unlabeled = unlabeled or recipe.data.unlabeled
+    key = _resume_key(recipe, data_dir, unlabeled)
     point = _resume_point(client, experiment_id, resume, key, recipe, data_dir, uri) if resume else None
     mark_dead_runs_killed(client, keep=point.run_ids() if point else set())
 
     keras.utils.set_random_seed(recipe.seed)
-    backbone = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
+    if recipe.pretrain is not None:
+        from tltoolkit.backbones.encoder import architecture_of, build_encoder
+
+        backbone = build_encoder(architecture_of(recipe.pretrain.autoencoder), recipe.data.image_size)
+    else:
+        backbone = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
     check_points(backbone, recipe.backbone.freeze, recipe.stages, lambda field: locate(source, field, overrides))
 
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed)
@@ -109,10 +119,22 @@ def run(
             f"The images in {folder.root} changed since run {point.parent_id} was checkpointed (files added, removed "
             "or modified), so its split and batches would differ. Restore them, or start a new run without --resume."
         )
-    training = prepare_training(recipe, folder, backbone)
+    pretraining = None
+    if recipe.pretrain is not None:
+        from tltoolkit.stages.pretrain import build_autoencoder, unlabeled_items
+
+        ae_train, ae_val, ae_skipped = unlabeled_items(unlabeled, folder.parts["train"], recipe.pretrain.autoencoder,
+                                                       recipe.seed)  # fmt: skip
+        autoencoder = build_autoencoder(backbone, recipe.pretrain.autoencoder, recipe.seed)
+        pretraining = _Pretraining(autoencoder, ae_train, ae_val, ae_skipped, str(unlabeled) if unlabeled else None)
+        print(f"Autoencoder images: {len(ae_train)} train, {len(ae_val)} held out ({len(ae_skipped)} skipped)"
+              + (f" from {unlabeled}" if unlabeled else "") + (", labelled images' pixels included" if
+              recipe.pretrain.autoencoder.use_labeled else "") + ".")  # fmt: skip
+    training = prepare_training(recipe, folder, backbone, autoencoder=pretraining.autoencoder if pretraining else None,
+                                unlabeled=pretraining.train if pretraining else None)  # fmt: skip
     with interrupts_raise():
         return _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone, training, verbose, key,
-                      digest, point)  # fmt: skip
+                      digest, point, pretraining)  # fmt: skip
 
 
 @dataclass
@@ -122,12 +144,12 @@ class _ResumePoint:
     checkpoint: object  # Checkpoint
 
     def run_ids(self) -> set[str]:
-        return {self.parent_id, *self.checkpoint.state["stage_runs"]}
+        return {self.parent_id, *self.checkpoint.state["stage_runs"].values()}
 
 
-def _resume_key(recipe: Recipe, data_dir) -> str:
-    """Identifies "the same command": the resolved recipe (overrides applied) and the data folder."""
-    text = f"{dump_recipe(recipe)}\0{Path(data_dir).resolve()}"
+def _resume_key(recipe: Recipe, data_dir, unlabeled=None) -> str:
+    """Identifies "the same command": the resolved recipe (overrides applied) and the data folders."""
+    text = f"{dump_recipe(recipe)}\0{Path(data_dir).resolve()}\0{Path(unlabeled).resolve() if unlabeled else ''}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -189,9 +211,23 @@ def _resume_point(client, experiment_id: str, resume: bool | str, key: str, reci
     )
 
 
+@dataclass
+class _Pretraining:
+    """An autoencoder recipe's extra parts: the autoencoder around the encoder (the backbone) and its images."""
+
+    autoencoder: object  # stages.pretrain.Autoencoder
+    train: list
+    val: list
+    skipped: list
+    unlabeled_dir: str | None
+
+
 def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone, training, verbose, key, digest,
-           point: _ResumePoint | None) -> RunResult:  # fmt: skip
-    """Logs the parent run, runs (or resumes) every stage as a child run, then scores and logs the final model."""
+           point: _ResumePoint | None, pretraining: _Pretraining | None = None) -> RunResult:  # fmt: skip
+    """Logs the parent run, runs (or resumes) every stage as a child run, then scores and logs the final model.
+
+    Stage index -1 is the autoencoder's `pretrain` stage, when the recipe has one (not in `joint` mode).
+    """
     import mlflow
 
     from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, restore_variables
@@ -202,15 +238,17 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
     model, eval_ds = training.model, training.eval
     dataset = folder.root.resolve().name
     recipe_name = recipe.name or "recipe"
+    backbone_label = _backbone_label(recipe)
     common_tags = {
         "tltoolkit.recipe": recipe_name,
-        "tltoolkit.backbone": recipe.backbone.name,
-        "tltoolkit.weights": recipe.backbone.weights,
+        "tltoolkit.backbone": backbone_label,
+        "tltoolkit.weights": "autoencoder" if recipe.pretrain else recipe.backbone.weights,
         "tltoolkit.dataset": dataset,
         PROCESS_TAG: process_tag(),
         **recipe.tracking.tags,
     }
-    run_name = recipe.tracking.run_name or f"{recipe_name}-{recipe.backbone.name}-{dataset}"
+    run_name = recipe.tracking.run_name or f"{recipe_name}-{backbone_label.split(' ')[0]}-{dataset}"
+    separate_pretrain = pretraining is not None and not recipe.pretrain.autoencoder.joint
     state = dict(point.checkpoint.state) if point else None
     parent_id = point.parent_id if point else None
     child_id = last_eval = None
@@ -229,12 +267,14 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
                 store = CheckpointStore(checkpoint_root(uri) / parent_id)
                 mlflow.set_tag("tltoolkit.checkpoints", str(store.folder))
                 _log_parent_inputs(client, parent_id, recipe, folder, dataset)
-                state = {"key": key, "data": digest, "stage": 0, "epoch": -1, "rows": [], "stage_runs": [],
-                         "histories": []}  # fmt: skip
+                state = {"key": key, "data": digest, "stage": -1 if separate_pretrain else 0, "epoch": -1, "rows": [],
+                         "stage_runs": {}, "histories": []}  # fmt: skip
             else:
-                restore_variables(model.variables, point.checkpoint.arrays["model"], "model", point.checkpoint.path)
+                in_pretrain = state["stage"] == -1 and state["epoch"] >= 0
+                target = pretraining.autoencoder.trainer if in_pretrain else training.checkpoint_model
+                restore_variables(target.variables, point.checkpoint.arrays["model"], "model", point.checkpoint.path)
             for index in range(state["stage"], len(recipe.stages)):
-                stage = recipe.stages[index]
+                name = "pretrain" if index == -1 else recipe.stages[index].name
                 resume_stage = None
                 if point is not None and index == point.checkpoint.state["stage"] and state["epoch"] >= 0:
                     resume_stage = StageResume(state["epoch"] + 1, state["rows"], point.checkpoint.arrays.get("optimizer", []),
@@ -244,26 +284,29 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
                 with mlflow.start_run(
                     run_id=child_id,
                     experiment_id=experiment_id,  # Else MLflow files the child under the Default experiment.
-                    run_name=None if child_id else stage.name,
+                    run_name=None if child_id else name,
                     nested=True,
-                    tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": stage.name,
+                    tags={**common_tags, "tltoolkit.kind": "stage", "tltoolkit.stage": name,
                           "tltoolkit.stage_index": str(index)},
                 ) as child:  # fmt: skip
                     child_id = child.info.run_id
-                    if len(state["stage_runs"]) <= index:
-                        state["stage_runs"].append(child_id)
+                    state["stage_runs"][str(index)] = child_id
                     if resume_stage is not None:
                         _log_missing_epochs(client, child_id, resume_stage.rows)
-                    history, last_eval = _run_stage(
-                        client, child_id, index, recipe, training, backbone, folder, f"{run_name} / {stage.name}",
-                        verbose, resume_stage, store,
-                        {k: state[k] for k in ("key", "data", "stage_runs", "histories")} | {"stage": index},
-                    )
-                    if not _has_metric(client, parent_id, f"{stage.name}_val_accuracy"):
-                        mlflow.log_metric(f"{stage.name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
+                    checkpoint_state = {k: state[k] for k in ("key", "data", "stage_runs", "histories")} | {"stage": index}
+                    if index == -1:
+                        history = _pretrain_stage(client, child_id, recipe, pretraining, f"{run_name} / pretrain",
+                                                  verbose, resume_stage, store, checkpoint_state)  # fmt: skip
+                    else:
+                        history, last_eval = _run_stage(
+                            client, child_id, index, recipe, training, backbone, folder, f"{run_name} / {name}",
+                            verbose, resume_stage, store, checkpoint_state,
+                        )
+                        if not _has_metric(client, parent_id, f"{name}_val_accuracy"):
+                            mlflow.log_metric(f"{name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
                 state = {**state, "stage": index + 1, "epoch": -1, "rows": [], "stopped": False, "stopper": None,
-                         "histories": state["histories"] + [history.to_dict("records")]}  # fmt: skip
-                store.save(state, {"model": [keras_value(v) for v in model.variables]})
+                         "histories": state["histories"] + [history.to_dict("records")] if index >= 0 else state["histories"]}  # fmt: skip
+                store.save(state, {"model": [keras_value(v) for v in training.checkpoint_model.variables]})
                 child_id = None
 
             all_history = pd.concat(
@@ -280,11 +323,14 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
                     evaluation = _evaluate(model, ds, folder.parts[part], folder.class_names)
                 log_evaluation(client, parent_id, evaluation, folder.class_names, part)
                 metrics.update({f"{part}_{k}": v for k, v in evaluation.metrics.items()})
+            anomaly = None
+            if pretraining is not None:
+                anomaly = _final_autoencoder(client, parent_id, recipe, pretraining, state, separate_pretrain)
             model_uri = None
             if recipe.tracking.log_model:
                 print("Logging the model to MLflow...")
                 model_uri = log_classifier(model, folder.class_names, recipe.data.resize, dump_recipe(recipe),
-                                           recipe.data.interpolation)  # fmt: skip
+                                           recipe.data.interpolation, anomaly)  # fmt: skip
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         for run_id in (child_id, parent_id):
@@ -297,8 +343,97 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
         raise
     store.remove()
     _print_done(parent_id, experiment_name, uri, metrics)
-    stage_runs = {recipe.stages[i].name: run_id for i, run_id in enumerate(state["stage_runs"])}
+    stage_runs = {("pretrain" if int(i) < 0 else recipe.stages[int(i)].name): run_id
+                  for i, run_id in state["stage_runs"].items()}  # fmt: skip
     return RunResult(parent_id, experiment_id, uri, model_uri, folder.class_names, metrics, stage_runs, all_history, model)
+
+
+def _backbone_label(recipe: Recipe) -> str:
+    if recipe.pretrain is None:
+        return recipe.backbone.name
+    return f"autoencoder ({recipe.pretrain.autoencoder.encoder} encoder)"
+
+
+def _pretrain_stage(client, run_id, recipe, pretraining: _Pretraining, title, verbose, resume, store, state):
+    """Trains the autoencoder inside its (active) child run; logs its curves, reconstructions, encoder, threshold."""
+    import tempfile
+
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from tltoolkit.backbones.encoder import architecture_of, save_encoder
+    from tltoolkit.recipe.schema import flatten
+    from tltoolkit.stages.pretrain import (
+        autoencoder_data,
+        fit_autoencoder,
+        recalibrate_batchnorm,
+        reconstruction_errors,
+        samples,
+    )
+    from tltoolkit.tracking.callback import MlflowMetrics
+    from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
+    from tltoolkit.tracking.reports import log_curves, log_skipped_files
+
+    ae, config = pretraining.autoencoder, recipe.pretrain.autoencoder
+    mlflow.log_params({**flatten(config.model_dump(mode="json")), "unlabeled_dir": pretraining.unlabeled_dir,
+                       "train_images": len(pretraining.train), "val_images": len(pretraining.val)})  # fmt: skip
+    log_skipped_files(client, run_id, pretraining.skipped)
+    started = time.perf_counter()
+    history = fit_autoencoder(ae, config, recipe.data, pretraining.train, pretraining.val, recipe.seed,
+                              [MlflowMetrics(run_id, client)], verbose, resume, store, state)  # fmt: skip
+    data = autoencoder_data(config, recipe.data)
+    recalibrate_batchnorm(ae, pretraining.train, data)
+    val_error = float(reconstruction_errors(ae.scorer, pretraining.val, data, config.loss).mean())
+    errors = reconstruction_errors(ae.scorer, pretraining.train, data, config.loss)
+    threshold = float(np.percentile(errors, config.anomaly_percentile))
+    mlflow.log_metrics({"wall_s": time.perf_counter() - started, "epochs_run": len(history),
+                        "anomaly_threshold": threshold, "train_reconstruction_error": float(errors.mean()),
+                        "val_reconstruction_error": val_error})  # fmt: skip
+    log_curves(client, run_id, history.assign(stage="pretrain"), title, "curves.png")
+    for figure, name in (
+        (reconstruction_figure(*samples(ae, pretraining.val, data), title=f"{title}: held-out images"), "reconstructions.png"),
+        (error_histogram(errors, threshold, f"training images; threshold = {config.anomaly_percentile:g}th percentile"),
+         "reconstruction_errors.png"),
+    ):  # fmt: skip
+        client.log_figure(run_id, figure, name)
+        plt.close(figure)
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifacts(run_id, str(save_encoder(ae.encoder, Path(tmp) / "encoder", architecture_of(config))),
+                             "encoder")  # fmt: skip
+        ae.scorer.save(Path(tmp) / "autoencoder.keras")  # A snapshot: fine-tuning will move the encoder on.
+        client.log_artifact(run_id, str(Path(tmp) / "autoencoder.keras"), "autoencoder")
+    print(f"Stage 'pretrain' done: reconstruction {config.loss} {val_error:.5f} on held-out "
+          f"images; anomaly threshold {threshold:.5f} ({config.anomaly_percentile:g}th percentile of training images).")  # fmt: skip
+    return history
+
+
+def _final_autoencoder(client, parent_id, recipe, pretraining: _Pretraining, state, separate: bool) -> dict:
+    """Logs the final encoder to the parent run; returns the anomaly scorer and threshold to log with the model.
+
+    After a separate pretraining, the scorer is the autoencoder as pretrained (a snapshot in the pretrain run: the
+    fine-tuned encoder no longer matches its decoder); in `joint` mode it is the autoencoder as trained, calibrated now.
+    """
+    import tempfile
+
+    from tltoolkit.backbones.encoder import architecture_of, save_encoder
+    from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors
+
+    config = recipe.pretrain.autoencoder
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifacts(parent_id, str(save_encoder(pretraining.autoencoder.encoder, Path(tmp) / "encoder",
+                                                         architecture_of(config))), "encoder")  # fmt: skip
+    if separate:
+        pretrain_run = state["stage_runs"]["-1"]
+        path = client.download_artifacts(pretrain_run, "autoencoder/autoencoder.keras")
+        threshold = client.get_run(pretrain_run).data.metrics["anomaly_threshold"]
+    else:
+        errors = reconstruction_errors(pretraining.autoencoder.scorer, pretraining.train,
+                                       autoencoder_data(config, recipe.data), config.loss)  # fmt: skip
+        threshold = float(np.percentile(errors, config.anomaly_percentile))
+        client.log_metric(parent_id, "anomaly_threshold", threshold)
+        path = str(Path(tempfile.mkdtemp(prefix="tltoolkit-ae-")) / "autoencoder.keras")
+        pretraining.autoencoder.scorer.save(path)
+    return {"autoencoder": path, "threshold": threshold, "loss": config.loss, "percentile": config.anomaly_percentile}
 
 
 def keras_value(variable):
@@ -325,8 +460,8 @@ def _log_parent_inputs(client, parent_id: str, recipe: Recipe, folder, dataset: 
 
 def _stage_run_id(client, experiment_id: str, parent_id: str, index: int, state: dict) -> str | None:
     """The child run of stage `index` when resuming into it (from the checkpoint, or one made just before a kill)."""
-    if index < len(state["stage_runs"]):
-        return state["stage_runs"][index]
+    if str(index) in state["stage_runs"]:
+        return state["stage_runs"][str(index)]
     earlier = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`tltoolkit.stage_index` = '{index}'",
@@ -371,7 +506,8 @@ def _run_stage(client, run_id, index, recipe, training, backbone, folder, title,
     outcome = fit_stage(
         training.model, backbone, recipe, stage, training.train, training.eval["val"], training.class_weight,
         callbacks=[MlflowMetrics(run_id, client)], verbose=verbose, features=training.features, stream=index,
-        resume=resume, checkpoints=store, checkpoint_state=state,
+        resume=resume, checkpoints=store, checkpoint_state=state, joint=training.joint,
+        epoch_offset=sum(s.epochs for s in recipe.stages[:index]),
     )  # fmt: skip
     wall = time.perf_counter() - started
     mlflow.log_params({

@@ -25,7 +25,8 @@ def build_classifier(backbone: keras.Model, class_names: list[str], head: HeadCo
     regularizer = keras.regularizers.L1L2(l1=head.l1, l2=head.l2) if (head.l1 or head.l2) else None
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     x = InferenceMode(backbone, name="backbone")(inputs)
-    pool = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
+            "flatten": keras.layers.Flatten}[head.pooling]  # fmt: skip
     x = pool(name="pool")(x)
     for index, width in enumerate(head.dense):
         if head.dropout:

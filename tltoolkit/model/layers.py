@@ -57,3 +57,36 @@ def class_names_of(model: keras.Model) -> list[str]:
         if isinstance(layer, Classifier):
             return list(layer.class_names)
     raise ValueError(f"Model {model.name} has no tltoolkit Classifier layer, so it carries no class names.")
+
+
+@keras.saving.register_keras_serializable(package="tltoolkit")
+class Corrupt(keras.layers.Layer):
+    """Denoising corruption of raw RGB pixels (0-255), in training only; the identity at inference.
+
+    Args:
+        kind: `"gaussian"` (add noise of std `amount * 255`, clipped to 0-255), `"masking"` (set a random fraction
+            `amount` of pixels to black, all channels alike) or `"none"`.
+        amount: The noise's std as a fraction of the pixel range, or the fraction of pixels masked.
+        seed: Seeds the layer's own generator (its state is a model variable, so checkpoints resume it).
+    """
+
+    def __init__(self, kind: str = "gaussian", amount: float = 0.1, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.kind, self.amount, self.seed = kind, float(amount), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if not training or self.kind == "none" or self.amount == 0:
+            return inputs
+        if self.kind == "gaussian":
+            noise = keras.random.normal(keras.ops.shape(inputs), stddev=self.amount * 255.0, seed=self.generator)
+            return keras.ops.clip(inputs + noise, 0.0, 255.0)
+        shape = keras.ops.shape(inputs)
+        keep = keras.random.uniform((shape[0], shape[1], shape[2], 1), seed=self.generator) >= self.amount
+        return inputs * keras.ops.cast(keep, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "amount": self.amount, "seed": self.seed}

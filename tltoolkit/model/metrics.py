@@ -46,3 +46,14 @@ def evaluate_probabilities(labels: np.ndarray, probabilities: np.ndarray, class_
 def evaluate_items(items: list[tuple[str, int]], probabilities: np.ndarray, class_names: list[str]) -> Evaluation:
     """Scores `probabilities` for `(path, label)` items (as `prepare_data` gives them), row for row."""
     return evaluate_probabilities(np.array([label for _, label in items]), probabilities, class_names)
+
+
+def reconstruction_error(reconstructed: np.ndarray, pixels: np.ndarray, loss: str = "mse") -> np.ndarray:
+    """Per-image reconstruction error: mean squared (`mse`) or absolute (`mae`) difference, pixels scaled to [0, 1].
+
+    Args:
+        reconstructed: `(n, h, w, 3)` decoder outputs in [0, 1].
+        pixels: `(n, h, w, 3)` the images, 0-255.
+    """
+    difference = np.asarray(reconstructed, dtype=np.float64) - np.asarray(pixels, dtype=np.float64) / 255.0
+    return np.mean(difference**2 if loss == "mse" else np.abs(difference), axis=(1, 2, 3))

@@ -52,6 +52,9 @@ class AugmentConfig(_Section):
 
 class DataConfig(_Section):
     dir: str | None = Field(None, description="Image folder; `--data` overrides it.")
+    unlabeled: str | None = Field(
+        None, description="Folder of unlabelled images (any depth) for `pretrain`; `--unlabeled` overrides it."
+    )
     image_size: int = Field(224, ge=16, le=1024, description="Square side in pixels that images are resized to.")
     batch_size: int = Field(32, ge=1, le=4096)
     val_split: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out for validation when there is no val/.")
@@ -87,7 +90,9 @@ class BackboneConfig(_Section):
 
 
 class HeadConfig(_Section):
-    pooling: Literal["avg", "max"] = "avg"
+    pooling: Literal["avg", "max", "flatten"] = Field(
+        "avg", description="`avg`/`max`: global pooling; `flatten`: keep where features are (small maps: an autoencoder's)."
+    )
     dense: list[int] = Field(default_factory=list, description="Widths of hidden dense layers, e.g. [256].")
     activation: Literal["relu", "gelu", "silu", "swish", "elu", "selu", "tanh", "leaky_relu"] = "relu"
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before each dense layer and the classifier.")
@@ -174,6 +179,53 @@ def _default_stages() -> list[StageConfig]:
         StageConfig(name="head", epochs=5, unfreeze="none", optimizer=OptimizerConfig(learning_rate=1e-3)),
         StageConfig(name="finetune", epochs=5, unfreeze="all", optimizer=OptimizerConfig(learning_rate=1e-5)),
     ]
+
+
+class AutoencoderConfig(_Section):
+    """A (denoising) convolutional autoencoder trained on unlabelled images; its encoder becomes the backbone."""
+
+    encoder: str = Field(
+        "conv", description="`conv` (blocks of `widths`, then a 1x1 conv to `latent` channels) or a registered "
+        "backbone name, built with `weights: none`, followed by the same 1x1 latent conv.",
+    )  # fmt: skip
+    widths: list[int] = Field([32, 64, 128], min_length=1, max_length=8, description="`conv`: channels per block "
+                              "(each halves the image side); the depth is their count.")  # fmt: skip
+    latent: int = Field(64, ge=1, le=4096, description="Channels of the bottleneck feature map.")
+    noise: Literal["none", "gaussian", "masking"] = Field("gaussian", description="Denoising corruption of inputs.")
+    sigma: float = Field(0.1, ge=0.0, le=1.0, description="`gaussian`: noise std, as a fraction of the 0-255 range.")
+    mask_ratio: float = Field(0.25, ge=0.0, lt=1.0, description="`masking`: fraction of pixels set to black.")
+    loss: Literal["mse", "mae"] = "mse"
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    val_split: float = Field(0.1, gt=0.0, lt=1.0, description="Unlabelled images held out to score reconstruction.")
+    use_labeled: bool = Field(True, description="The labelled training images' pixels join the unlabelled ones.")
+    joint: bool = Field(False, description="No separate pretraining: every stage trains classification and "
+                        "reconstruction together, reconstruction an auxiliary loss.")  # fmt: skip
+    joint_weight: float = Field(1.0, ge=0.0, description="`joint`: the reconstruction loss's weight at the start.")
+    joint_decay: Literal["none", "linear", "cosine"] = Field(
+        "linear", description="`joint`: how that weight falls to zero over all stages' epochs (`none`: stays)."
+    )
+    anomaly_percentile: float = Field(
+        99.0, gt=0.0, le=100.0, description="Reconstruction errors above this percentile of the training images' "
+        "are flagged as anomalies by `predict`.",
+    )  # fmt: skip
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        return value if value == "conv" else check_backbone_name(value)
+
+    @field_validator("widths")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError("every width must be a positive integer, e.g. [32, 64, 128]")
+        return value
+
+
+class PretrainConfig(_Section):
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
 
 
 class TrackingConfig(_Section):
@@ -295,8 +347,9 @@ class Recipe(_Section):
     stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1)
     tracking: TrackingConfig = TrackingConfig()
     search: SearchConfig | None = Field(None, description="What `tltoolkit tune` searches; `run` ignores it.")
-    # Reserved for autoencoder pretraining (a later version).
-    pretrain: Any = None
+    pretrain: PretrainConfig | None = Field(
+        None, description="Autoencoder pretraining on unlabelled images; its encoder replaces `backbone.name`."
+    )
 
     @field_validator("name")
     @classmethod
@@ -312,14 +365,16 @@ class Recipe(_Section):
             raise ValueError(f"stage names must be unique, but {duplicates} repeat; rename one, e.g. `finetune2`")
         return stages
 
-    @field_validator("pretrain")
-    @classmethod
-    def _not_yet(cls, value: Any, info) -> Any:
-        if value is not None:
+    @model_validator(mode="after")
+    def _encoder_fits_the_images(self) -> Recipe:
+        ae = self.pretrain.autoencoder if self.pretrain else None
+        if ae is not None and ae.encoder == "conv" and self.data.image_size % 2 ** len(ae.widths):
             raise ValueError(
-                f"the `{info.field_name}` section is not supported by this version of tltoolkit; remove it"
+                f"pretrain.autoencoder: data.image_size {self.data.image_size} must be divisible by "
+                f"2**{len(ae.widths)} = {2 ** len(ae.widths)} (one halving per width), so the decoder mirrors the "
+                "encoder exactly; change one of them"
             )
-        return value
+        return self
 
     @model_validator(mode="after")
     def _search_paths_exist(self) -> Recipe:

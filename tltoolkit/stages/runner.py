@@ -45,24 +45,121 @@ class Training:
     eval: dict  # Part name ("val", maybe "test") -> batches in file order.
     class_weight: dict[int, float] | None
     features: FeatureSource
+    joint: Joint | None = None  # An autoencoder recipe in `joint` mode: reconstruction trains alongside.
+
+    @property
+    def checkpoint_model(self) -> keras.Model:
+        """The model whose every variable a checkpoint holds (the joint model includes the decoder)."""
+        return self.joint.model if self.joint is not None else self.model
 
 
-def prepare_training(recipe: Recipe, folder, backbone: keras.Model, seed: int | None = None) -> Training:
+@dataclass
+class Joint:
+    """Classification and reconstruction trained together (`pretrain.autoencoder.joint`).
+
+    Every stage fits `model` (image -> [class probabilities, reconstruction]) on the labelled training images plus
+    the autoencoder's images (their labels all zero, so they add reconstruction loss only), with reconstruction an
+    auxiliary loss whose weight `joint_weight` decays over all stages' epochs as `joint_decay` says.
+    """
+
+    model: keras.Model
+    train: TrainingBatches
+    config: object  # AutoencoderConfig
+    total_epochs: int
+    weight: keras.Variable
+
+    def weight_at(self, epoch: int) -> float:
+        """The reconstruction loss's weight in (global, 0-based) epoch `epoch`."""
+        progress = min(1.0, epoch / max(1, self.total_epochs))
+        w0, decay = self.config.joint_weight, self.config.joint_decay
+        if decay == "linear":
+            return w0 * (1.0 - progress)
+        if decay == "cosine":
+            return w0 * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+        return w0
+
+
+class _JointEpochs(keras.callbacks.Callback):
+    """Sets the reconstruction weight each epoch and gives the joint model's logs the usual names."""
+
+    def __init__(self, joint: Joint, offset: int, outputs: list[str]):
+        super().__init__()
+        self.joint, self.offset = joint, offset
+        self.classes, self.reconstruction = outputs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.joint.weight.assign(self.joint.weight_at(self.offset + epoch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for prefix in ("", "val_"):
+            if f"{prefix}{self.classes}_accuracy" in logs:
+                logs[f"{prefix}accuracy"] = logs.pop(f"{prefix}{self.classes}_accuracy")
+            if f"{prefix}{self.classes}_loss" in logs:
+                logs[f"{prefix}classification_loss"] = logs.pop(f"{prefix}{self.classes}_loss")
+            if f"{prefix}{self.reconstruction}_loss" in logs:
+                logs[f"{prefix}reconstruction_loss"] = logs.pop(f"{prefix}{self.reconstruction}_loss")
+        logs["reconstruction_weight"] = float(self.joint.weight.numpy())
+
+
+def _masked_crossentropy(label_smoothing: float):
+    """Categorical cross-entropy over labelled rows only: rows whose one-hot label is all zero add nothing."""
+    base = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
+
+    def loss(y_true, y_pred):
+        labelled = keras.ops.cast(keras.ops.sum(y_true, axis=-1) > 0, y_pred.dtype)
+        return base(y_true, y_pred) * labelled
+
+    return loss
+
+
+def _weighted_reconstruction(name: str, weight: keras.Variable):
+    def loss(y_true, y_pred):
+        error = keras.ops.square(y_true - y_pred) if name == "mse" else keras.ops.abs(y_true - y_pred)
+        return weight * keras.ops.mean(error, axis=(1, 2, 3))
+
+    return loss
+
+
+def _with_targets(ds):
+    import tensorflow as tf
+
+    return ds.map(lambda x, y: (x, (y, x / 255.0)), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def prepare_training(recipe: Recipe, folder, backbone: keras.Model, seed: int | None = None, autoencoder=None,
+                     unlabeled: list | None = None) -> Training:  # fmt: skip
     """Builds the classifier on `backbone` and the pipelines its stages train and score on.
 
     Args:
         recipe: The head, data and class-weight settings.
         folder: From `prepare_data`.
-        backbone: From `create_backbone`.
+        backbone: From `create_backbone` (or the encoder of an autoencoder recipe).
         seed: Shuffling (and augmentation) seed. Defaults to `recipe.seed`.
+        autoencoder: With `pretrain.autoencoder.joint`: the `Autoencoder` whose decoder trains alongside.
+        unlabeled: Its images (`(path, 0)` items), joined to the labelled training images in `joint` mode.
     """
     from tltoolkit.data.pipeline import image_dataset
     from tltoolkit.model import build_classifier
 
     seed = recipe.seed if seed is None else seed
     labels = [label for _, label in folder.parts["train"]]
+    model = build_classifier(backbone, folder.class_names, recipe.head)
+    joint = None
+    if autoencoder is not None and recipe.pretrain is not None and recipe.pretrain.autoencoder.joint:
+        labelled = set(path for path, _ in folder.parts["train"])
+        extra = [(path, -1) for path, _ in unlabeled or [] if path not in labelled]  # -1: an all-zero one-hot label.
+        reconstruction = autoencoder.decoder(model.get_layer("backbone").output)
+        joint = Joint(
+            model=keras.Model(model.inputs, [model.output, reconstruction], name=f"{model.name}_joint"),
+            train=TrainingBatches(folder.parts["train"] + extra, folder.num_classes, recipe.data, seed=seed),
+            config=recipe.pretrain.autoencoder,
+            total_epochs=sum(stage.epochs for stage in recipe.stages),
+            weight=keras.Variable(recipe.pretrain.autoencoder.joint_weight, trainable=False, name="reconstruction_weight"),
+        )
     return Training(
-        model=build_classifier(backbone, folder.class_names, recipe.head),
+        model=model,
         train=TrainingBatches(folder.parts["train"], folder.num_classes, recipe.data, seed=seed),
         eval={
             part: image_dataset(items, folder.num_classes, recipe.data, training=False)
@@ -71,6 +168,7 @@ def prepare_training(recipe: Recipe, folder, backbone: keras.Model, seed: int | 
         },
         class_weight=class_weights(recipe.head, labels, folder.class_names),
         features=FeatureSource(folder.parts, folder.num_classes, recipe.data, seed, recipe.backbone.weights),
+        joint=joint,
     )
 
 
@@ -107,7 +205,7 @@ def compile_for_stage(
     )
 
 
-class _EpochRows(keras.callbacks.Callback):
+class EpochRows(keras.callbacks.Callback):
     """Every epoch's logs as `fit` reports them, continuing the rows of a resumed stage."""
 
     def __init__(self, rows: list[dict]):
@@ -148,6 +246,8 @@ def fit_stage(
     resume: StageResume | None = None,
     checkpoints: CheckpointStore | None = None,
     checkpoint_state: dict | None = None,
+    joint: Joint | None = None,
+    epoch_offset: int = 0,
 ) -> StageOutcome:
     """Trains one stage.
 
@@ -169,24 +269,40 @@ def fit_stage(
             stopping's bookkeeping (the model's variables are the caller's to restore, before this call).
         checkpoints: Write a checkpoint after every epoch, before `callbacks` see it.
         checkpoint_state: What the caller wants in every checkpoint's state (run ids, finished stages...).
+        joint: Train classification and reconstruction together (see `Joint`); the feature cache is then off.
+        epoch_offset: Epochs of the stages before this one (the joint reconstruction weight decays over all).
     """
     frozen = unfrozen_prefix(backbone, stage.unfreeze, recipe.backbone.freeze)
     summary = set_trainable(model, backbone, frozen, stage.train_bn)
     first = resume.first_epoch if resume else 0
     last = first if resume and resume.stopped else stage.epochs  # Stopped early: nothing left but the restore.
     cached = (
-        features.inputs(model, backbone, frozen, verbose != 0, stream, first, last) if features is not None else None
+        features.inputs(model, backbone, frozen, verbose != 0, stream, first, last)
+        if features is not None and joint is None
+        else None
     )
     fit_model = cached.model if cached else model
+    eval_data = val_ds
     train_ds, val_ds = (cached.train, cached.val) if cached else (train.epochs(stream, first, last), val_ds)
     steps = train.steps_per_epoch
-    # On cached features a step is tiny, so a whole epoch runs per compiled call.
-    compile_for_stage(fit_model, recipe, stage, steps, steps_per_execution=steps if cached else 1)
+    leading: list[keras.callbacks.Callback] = []
+    if joint is not None:
+        fit_model, steps = joint.model, joint.train.steps_per_epoch
+        train_ds, val_ds = _with_targets(joint.train.epochs(stream, first, last)), _with_targets(val_ds)
+        fit_model.compile(
+            optimizer=build_optimizer(stage.optimizer, stage.schedule, steps, stage.epochs),
+            loss=[_masked_crossentropy(recipe.head.label_smoothing), _weighted_reconstruction(joint.config.loss, joint.weight)],
+            metrics=[[keras.metrics.CategoricalAccuracy(name="accuracy")], []],
+        )
+        leading.append(_JointEpochs(joint, epoch_offset, [o.name.split("/")[0] for o in _output_layers(fit_model)]))
+    else:
+        # On cached features a step is tiny, so a whole epoch runs per compiled call.
+        compile_for_stage(fit_model, recipe, stage, steps, steps_per_execution=steps if cached else 1)
     if resume is not None:
         fit_model.optimizer.build(fit_model.trainable_variables)
         restore_variables(fit_model.optimizer.variables, resume.optimizer, "optimizer", resume.path)
     rows: list[dict] = [dict(row) for row in resume.rows] if resume else []
-    stage_callbacks: list[keras.callbacks.Callback] = [_EpochRows(rows)]
+    stage_callbacks: list[keras.callbacks.Callback] = [*leading, EpochRows(rows)]
     stopper = None
     if stage.early_stopping is not None:
         es = stage.early_stopping
@@ -200,13 +316,16 @@ def fit_stage(
         )
         stage_callbacks.append(stopper)
     if checkpoints is not None:
-        stage_callbacks.append(CheckpointCallback(checkpoints, model, checkpoint_state or {}, rows, stopper))
+        saved = joint.model if joint is not None else model
+        stage_callbacks.append(CheckpointCallback(checkpoints, saved, checkpoint_state or {}, rows, stopper))
     stage_callbacks.extend(callbacks)
     print(
         f"Stage {stage.name!r}: {stage.epochs} epoch(s), {summary.trainable_layers} backbone layer(s) training "
         f"(first {summary.frozen_layers} of {len(backbone.layers)} frozen), "
         f"{summary.trainable_params:,} trainable parameters, {stage.optimizer.name} lr={stage.optimizer.learning_rate:g}"
         + (f", on cached features below `{cached.cut}`" if cached else "")
+        + (f", with reconstruction (weight {joint.weight_at(epoch_offset):g} decaying {joint.config.joint_decay})"
+           if joint is not None else "")
         + (f"; resuming at epoch {first + 1}." if resume else ".")
     )
     fit_model.fit(
@@ -215,14 +334,20 @@ def fit_stage(
         epochs=last,
         initial_epoch=first,
         steps_per_epoch=steps,
-        class_weight=class_weight,
+        class_weight=None if joint is not None else class_weight,  # Keras weighs classes of one output only.
         callbacks=stage_callbacks,
         shuffle=False,  # Each epoch's order is the stream's own.
         verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
     )
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
+    eval_model, eval_data = (model, eval_data) if joint is not None else (fit_model, val_ds)
     return StageOutcome(
         stage.name, history, summary, best, bool(stopper and stopper.stopped_epoch),
-        cached.cut if cached else None, fit_model, val_ds,
+        cached.cut if cached else None, eval_model, eval_data,
     )  # fmt: skip
+
+
+def _output_layers(model: keras.Model) -> list:
+    """The layers that make a functional model's outputs, in output order."""
+    return [tensor._keras_history.operation for tensor in model.outputs]

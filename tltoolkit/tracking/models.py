@@ -20,6 +20,7 @@ with warnings.catch_warnings():
 
 MODEL_NAME = "model"
 _KERAS_FILE = "classifier.keras"
+_AUTOENCODER_FILE = "autoencoder.keras"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -50,10 +51,19 @@ class LoadedClassifier:
     source: str  # What the user pointed at.
     run_id: str | None = None  # The MLflow run that produced it, when known.
     interpolation: str = "antialiased"  # Models logged before the option existed were trained antialiased.
+    autoencoder: "keras.Model | None" = None  # noqa: F821  (autoencoder recipes: scores reconstruction error)
+    anomaly_threshold: float | None = None  # Errors above it are flagged (a percentile of the training images').
+    anomaly_loss: str = "mse"
 
 
-def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str, interpolation: str = "antialiased") -> str:
-    """Logs `model` to the active run as an MLflow pyfunc model named `model`; returns its model URI."""
+def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str, interpolation: str = "antialiased",
+                   anomaly: dict | None = None) -> str:  # fmt: skip
+    """Logs `model` to the active run as an MLflow pyfunc model named `model`; returns its model URI.
+
+    Args:
+        anomaly: For autoencoder recipes: `{"autoencoder": path of its .keras file, "threshold": ..., "loss": "mse",
+            "percentile": 99}`; the autoencoder travels inside the model and the rest in its metadata.
+    """
     import keras
     import tensorflow as tf
     from mlflow.models import ModelSignature
@@ -74,10 +84,16 @@ def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str,
         model.save(keras_path)
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(recipe_yaml)
+        artifacts = {"keras_model": str(keras_path), "recipe": str(recipe_path)}
+        metadata = {"class_names": class_names, "image_size": size, "resize": resize, "interpolation": interpolation}
+        if anomaly is not None:
+            artifacts["autoencoder"] = str(anomaly["autoencoder"])
+            metadata.update({"anomaly_threshold": float(anomaly["threshold"]), "anomaly_loss": anomaly["loss"],
+                             "anomaly_percentile": float(anomaly["percentile"])})  # fmt: skip
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"keras_model": str(keras_path), "recipe": str(recipe_path)},
+            artifacts=artifacts,
             code_paths=[str(Path(tltoolkit.__file__).parent)],
             signature=signature,
             pip_requirements=[
@@ -88,7 +104,7 @@ def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str,
                 "pyyaml",
                 "pydantic",
             ],
-            metadata={"class_names": class_names, "image_size": size, "resize": resize, "interpolation": interpolation},
+            metadata=metadata,
         )
     return info.model_uri
 
@@ -126,12 +142,13 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
 
     text = str(ref)
     path = Path(text).expanduser()
-    run_id, resize, meta = None, "squash", {}
+    run_id, resize, meta, autoencoder_file = None, "squash", {}, None
     if path.is_file():
         keras_file = path
     elif path.is_dir() or "://" in text or _RUN_ID.match(text):
         folder, run_id = (path, None) if path.is_dir() else _local_model_dir(text)
-        keras_file = next(iter(sorted(folder.rglob("*.keras"))), None)
+        keras_file = next(iter(sorted(folder.rglob(_KERAS_FILE))), None) or next(iter(sorted(folder.rglob("*.keras"))), None)
+        autoencoder_file = next(iter(sorted(folder.rglob(_AUTOENCODER_FILE))), None)
         if keras_file is None or not (folder / "MLmodel").is_file():
             raise ModelLoadError(f"{text} is not a tltoolkit MLflow model folder (no MLmodel and .keras file in it).")
         meta = _mlmodel_metadata(folder / "MLmodel")
@@ -143,6 +160,7 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
         )
     try:
         model = keras.saving.load_model(keras_file, safe_mode=True, compile=False)
+        autoencoder = keras.saving.load_model(autoencoder_file, safe_mode=True, compile=False) if autoencoder_file else None
     except ValueError as exc:
         unsafe = "safe_mode" in str(exc) or "Lambda" in str(exc)
         why = (
@@ -156,7 +174,8 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     except ValueError as exc:
         raise ModelLoadError(f"{keras_file} is not a tltoolkit classifier: {exc}") from exc
     interpolation = meta.get("interpolation", "antialiased")
-    return LoadedClassifier(model, class_names, int(model.input_shape[1]), resize, text, run_id, interpolation)
+    return LoadedClassifier(model, class_names, int(model.input_shape[1]), resize, text, run_id, interpolation,
+                            autoencoder, meta.get("anomaly_threshold"), meta.get("anomaly_loss", "mse"))  # fmt: skip
 
 
 def _mlmodel_metadata(mlmodel: Path) -> dict:

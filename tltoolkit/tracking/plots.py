@@ -39,7 +39,8 @@ def curves_figure(history: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        if ax.get_legend_handles_labels()[0]:  # An autoencoder's curves have no accuracy.
+            ax.legend(loc="best")
     if title:
         fig.suptitle(title)
     return fig
@@ -111,4 +112,39 @@ def search_figure(trials: pd.DataFrame, objective: str, direction: str, paths: l
         ax.set_title(f"explains {share:.0%} of the spread", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Search: {objective} ({direction}) over {len(trials)} trials")
+    return fig
+
+
+def reconstruction_figure(images: np.ndarray, noisy: np.ndarray, reconstructed: np.ndarray, title: str = "") -> plt.Figure:
+    """A grid: inputs (top row), the corrupted inputs the autoencoder saw (middle), its reconstructions (bottom).
+
+    Args:
+        images, noisy: `(n, h, w, 3)` pixels in 0-255.
+        reconstructed: `(n, h, w, 3)` in [0, 1], as the decoder outputs them.
+    """
+    n = len(images)
+    fig, axes = plt.subplots(3, n, figsize=(1.4 * n + 1.2, 4.6), squeeze=False, constrained_layout=True)
+    rows = (("input", images / 255.0), ("noisy input", noisy / 255.0), ("reconstruction", reconstructed))
+    for row, (label, pictures) in enumerate(rows):
+        for col in range(n):
+            ax = axes[row][col]
+            ax.imshow(np.clip(pictures[col], 0.0, 1.0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(label)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def error_histogram(errors: np.ndarray, threshold: float, title: str = "") -> plt.Figure:
+    """Reconstruction errors of the training images, with the anomaly threshold drawn in."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+    ax.hist(errors, bins=min(50, max(5, len(errors) // 5)), color="0.6")
+    ax.axvline(threshold, color="C3", label=f"anomaly threshold {threshold:.4g}")
+    ax.set_xlabel("reconstruction error per image")
+    ax.set_ylabel("images")
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
     return fig

@@ -1,0 +1,187 @@
+"""The `pretrain` stage: a (denoising) autoencoder trained on unlabelled images; its encoder is the backbone after.
+
+The autoencoder is `Corrupt` (noise, training only) -> encoder -> decoder, trained to give back the clean image
+(pixels / 255) under MSE or MAE. Its epochs stream, checkpoint and resume like any stage's. Afterwards every
+training image's reconstruction error (the same loss, clean input, per image) calibrates the anomaly threshold
+(`anomaly_percentile`, 99 by default) that `predict` uses to flag images unlike the training set.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tltoolkit.data.pipeline import TrainingBatches, image_dataset
+from tltoolkit.data.split import Item
+from tltoolkit.errors import DataError
+from tltoolkit.model.layers import Corrupt
+from tltoolkit.recipe import DataConfig, ScheduleConfig
+from tltoolkit.recipe.schema import AutoencoderConfig
+from tltoolkit.stages.checkpoint import CheckpointCallback, CheckpointStore, StageResume, restore_variables
+from tltoolkit.stages.optimizers import build_optimizer
+
+# The stream index of pretraining's epochs (stages use their own index; this keeps the orders apart).
+PRETRAIN_STREAM = 1000
+
+
+@dataclass
+class Autoencoder:
+    """The models of one autoencoder, sharing the encoder's and decoder's layers."""
+
+    trainer: keras.Model  # Raw pixels -> Corrupt (training only) -> encoder -> decoder: what is fitted.
+    scorer: keras.Model  # Raw pixels -> encoder -> decoder, no corruption: reconstructions and anomaly scores.
+    encoder: keras.Model
+    decoder: keras.Model
+
+
+def build_autoencoder(encoder: keras.Model, config: AutoencoderConfig, seed: int) -> Autoencoder:
+    """Wraps `encoder` (from `build_encoder`) with the mirrored decoder and the recipe's corruption."""
+    from tltoolkit.backbones.encoder import architecture_of, build_decoder
+
+    size = int(encoder.input_shape[1])
+    decoder = build_decoder(encoder.output_shape[1:], size, architecture_of(config))
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    amount = config.sigma if config.noise == "gaussian" else config.mask_ratio
+    corrupted = Corrupt(config.noise, amount, seed=seed, name="corrupt")(inputs)
+    trainer = keras.Model(inputs, decoder(encoder(corrupted)), name="autoencoder")
+    clean = keras.Input(shape=(size, size, 3), name="image")
+    scorer = keras.Model(clean, decoder(encoder(clean)), name="autoencoder_scorer")
+    return Autoencoder(trainer, scorer, encoder, decoder)
+
+
+def unlabeled_items(unlabeled: str | Path | None, labelled_train: list[Item], config: AutoencoderConfig,
+                    seed: int, progress: bool = True):  # fmt: skip
+    """The autoencoder's images: the unlabelled folder's (checked like any scan), plus the labelled training
+    images' pixels when `use_labeled`; split into train and validation (`val_split`, seeded).
+
+    Returns:
+        `(train items, val items, skipped files)`; items are `(path, 0)`.
+
+    Raises:
+        DataError: No usable unlabelled image and `use_labeled` off, or the folder is missing.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from tltoolkit.data.folder import image_files
+
+    paths, skipped = [], []
+    if unlabeled is not None:
+        if not Path(unlabeled).is_dir():
+            raise DataError(f"The unlabelled image folder {unlabeled} does not exist; pass --unlabeled DIR.")
+        scan = image_files([unlabeled], progress=progress)
+        paths, skipped = scan.images, scan.skipped
+    if config.use_labeled:
+        paths = paths + [path for path, _ in labelled_train]
+    if len(paths) < 2:
+        raise DataError(
+            f"Autoencoder pretraining needs images: {len(paths)} found. Pass --unlabeled DIR (or data.unlabeled), "
+            "or set pretrain.autoencoder.use_labeled: true to use the labelled training images' pixels."
+        )
+    train, val = train_test_split(sorted(paths), test_size=config.val_split, random_state=seed)
+    return [(p, 0) for p in train], [(p, 0) for p in sorted(val)], skipped
+
+
+def _targets(ds: tf.data.Dataset) -> tf.data.Dataset:
+    return ds.map(lambda x, y: (x, x / 255.0), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def autoencoder_data(config: AutoencoderConfig, data: DataConfig) -> DataConfig:
+    """The data settings the autoencoder reads with: the recipe's size and resizing, its own batch, no augmentation."""
+    return data.model_copy(update={"batch_size": config.batch_size, "augment": data.augment.model_copy(
+        update={"flip": "none", "rotation": 0.0, "zoom": 0.0, "contrast": 0.0, "translation": 0.0})})  # fmt: skip
+
+
+def reconstruction_loss(name: str):
+    return keras.losses.MeanSquaredError() if name == "mse" else keras.losses.MeanAbsoluteError()
+
+
+def fit_autoencoder(
+    autoencoder: Autoencoder,
+    config: AutoencoderConfig,
+    data: DataConfig,
+    train: list[Item],
+    val: list[Item],
+    seed: int,
+    callbacks: list[keras.callbacks.Callback] = (),
+    verbose: int | None = None,
+    resume: StageResume | None = None,
+    checkpoints: CheckpointStore | None = None,
+    checkpoint_state: dict | None = None,
+) -> pd.DataFrame:
+    """Trains the autoencoder; returns one row per epoch (`loss`, `val_loss`, `learning_rate`)."""
+    from tltoolkit.stages.runner import EpochRows
+
+    data = autoencoder_data(config, data)
+    batches = TrainingBatches(train, 1, data, seed)
+    first = resume.first_epoch if resume else 0
+    train_ds = _targets(batches.epochs(PRETRAIN_STREAM, first, config.epochs))
+    val_ds = _targets(image_dataset(val, 1, data))
+    model = autoencoder.trainer
+    model.compile(
+        optimizer=build_optimizer(config.optimizer, ScheduleConfig(), batches.steps_per_epoch, config.epochs),
+        loss=reconstruction_loss(config.loss),
+    )
+    if resume is not None:
+        model.optimizer.build(model.trainable_variables)
+        restore_variables(model.optimizer.variables, resume.optimizer, "optimizer", resume.path)
+    rows: list[dict] = [dict(row) for row in resume.rows] if resume else []
+    stage_callbacks: list[keras.callbacks.Callback] = [EpochRows(rows)]
+    if checkpoints is not None:
+        stage_callbacks.append(CheckpointCallback(checkpoints, model, checkpoint_state or {}, rows))
+    print(
+        f"Stage 'pretrain': autoencoder ({config.encoder} encoder, latent {config.latent}, {config.noise} noise, "
+        f"{config.loss}) on {len(train)} images ({len(val)} held out), {config.epochs} epoch(s), "
+        f"{model.count_params():,} parameters" + (f"; resuming at epoch {first + 1}." if resume else ".")
+    )
+    model.fit(
+        train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=first,
+        steps_per_epoch=batches.steps_per_epoch, callbacks=[*stage_callbacks, *callbacks], shuffle=False,
+        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
+    )  # fmt: skip
+    return pd.DataFrame(rows, columns=["epoch"] if not rows else None)
+
+
+def recalibrate_batchnorm(autoencoder: Autoencoder, items: list[Item], data: DataConfig, max_batches: int = 200) -> int:
+    """Sets every BatchNormalization layer's moving statistics to the mean of its batch statistics over (up to
+    `max_batches` of) the clean training images.
+
+    Keras's moving averages lag far behind short trainings (momentum 0.99 forgets 1% per step), and once the encoder
+    is a backbone it runs in inference mode, on those averages. A cumulative mean over a pass of clean images gives
+    it the statistics of the images it will see. Returns the number of batches used.
+    """
+    layers = [layer for layer in autoencoder.scorer._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for used, (x, _) in enumerate(image_dataset(items, 1, data).take(max_batches), start=1):
+            for layer in layers:
+                layer.momentum = (used - 1) / used  # Cumulative mean: the k-th batch weighs 1/k.
+            autoencoder.scorer(x, training=True)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+    return used
+
+
+def reconstruction_errors(scorer: keras.Model, items: list[Item], data: DataConfig, loss: str) -> np.ndarray:
+    """Each image's reconstruction error: the mean squared (`mse`) or absolute (`mae`) pixel error, pixels in [0, 1]."""
+    from tltoolkit.model.metrics import reconstruction_error
+
+    errors = [reconstruction_error(scorer.predict_on_batch(x), x.numpy(), loss) for x, _ in image_dataset(items, 1, data)]
+    return np.concatenate(errors) if errors else np.zeros(0)
+
+
+def samples(autoencoder: Autoencoder, items: list[Item], data: DataConfig, count: int = 8):
+    """`(images, noisy, reconstructed)` for the first `count` items: what the reconstruction grid shows."""
+    x = next(iter(image_dataset(items[:count], 1, data.model_copy(update={"batch_size": count}))))[0]
+    corrupt = autoencoder.trainer.get_layer("corrupt")
+    noisy = keras.ops.convert_to_numpy(corrupt(x, training=True))
+    return x.numpy(), noisy, np.asarray(autoencoder.scorer.predict_on_batch(noisy))
