@@ -94,7 +94,7 @@ def encoder_folder(weights: str) -> Path:
     """The local folder of a saved encoder named by a folder, its weights file, `runs:/RUN/encoder` or a run id."""
     if _RUN_ID.match(weights):
         weights = f"runs:/{weights}/encoder"
-    if "://" in weights:
+    if "://" in weights or weights.startswith(("runs:/", "models:/")):
         import mlflow
 
         try:
@@ -135,7 +135,7 @@ def _build_saved(cfg: BackboneCfg, input_tensor, include_top: bool, weights: str
             raise BackboneError(
                 f"The encoder in {folder} does not load at {int(input_tensor.shape[1])} px: {exc}"
             ) from None
-    return keras.Model(encoder.inputs, encoder.outputs, name=cfg.name)
+    return keras.Model(encoder.inputs, encoder.output, name=cfg.name)
 
 
 register_backbone(

@@ -86,6 +86,7 @@ def tune(
     distributed: str | None = None,
     oracle_address: str | None = None,
     worker_id: str | None = None,
+    unlabeled: str | Path | None = None,
 ) -> TuneResult:
     """Searches the recipe's `search.space` with keras-tuner; every trial runs all the recipe's stages.
 
@@ -102,6 +103,8 @@ def tune(
             or `"worker"` (runs trials the chief hands out). Workers log their trials under the chief's parent run.
         oracle_address: `HOST:PORT` of the chief (keras-tuner's `KERASTUNER_ORACLE_IP`/`_PORT`).
         worker_id: A name for this worker (default: its process id).
+        unlabeled: Unlabelled images for a recipe with `pretrain.autoencoder` (default: its `data.unlabeled`); every
+            trial pretrains its own autoencoder, so its settings can be searched like any field.
 
     Returns:
         A `TuneResult` (for a worker: its trials so far; the chief's result has the summary).
@@ -153,7 +156,7 @@ def tune(
 
     from tltoolkit.tuning.tuner import RecipeTuner, TrialRunner
 
-    runner = TrialRunner(str(data_dir), verbose)
+    runner = TrialRunner(str(data_dir), verbose, str(unlabeled) if unlabeled else recipe.data.unlabeled)
     if role == "chief" and not distributed:
         folder = runner.folder(_base_trial_recipe(recipe))  # Scanned before the first trial, so errors come first.
         _check_objective(recipe, folder.num_classes)
@@ -199,7 +202,8 @@ def tune(
             "tracking": result.best_recipe.tracking.model_copy(update={
                 "tags": {**result.best_recipe.tracking.tags, "tltoolkit.tune_run": parent_id}}),
         })  # fmt: skip
-        result.final_run = run(final, data_dir, tracking_uri=uri, experiment=experiment_name, verbose=verbose)
+        result.final_run = run(final, data_dir, tracking_uri=uri, experiment=experiment_name, verbose=verbose,
+                               unlabeled=unlabeled)  # fmt: skip
         client.set_tag(parent_id, "tltoolkit.final_run", result.final_run.run_id)
     client.set_terminated(parent_id, "FINISHED")
     return result

@@ -70,7 +70,7 @@ class Joint:
 
     def weight_at(self, epoch: int) -> float:
         """The reconstruction loss's weight in (global, 0-based) epoch `epoch`."""
-        progress = min(1.0, epoch / max(1, self.total_epochs))
+        progress = min(1.0, epoch / max(1, self.total_epochs - 1))  # Zero in the last epoch.
         w0, decay = self.config.joint_weight, self.config.joint_decay
         if decay == "linear":
             return w0 * (1.0 - progress)
@@ -112,6 +112,14 @@ def _masked_crossentropy(label_smoothing: float):
         return base(y_true, y_pred) * labelled
 
     return loss
+
+
+class _LabelledAccuracy(keras.metrics.CategoricalAccuracy):
+    """Accuracy over the labelled rows of a joint batch (unlabelled rows have all-zero labels)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labelled = keras.ops.cast(keras.ops.sum(y_true, axis=-1) > 0, "float32")
+        return super().update_state(y_true, y_pred, sample_weight=labelled)
 
 
 def _weighted_reconstruction(name: str, weight: keras.Variable):
@@ -292,7 +300,7 @@ def fit_stage(
         fit_model.compile(
             optimizer=build_optimizer(stage.optimizer, stage.schedule, steps, stage.epochs),
             loss=[_masked_crossentropy(recipe.head.label_smoothing), _weighted_reconstruction(joint.config.loss, joint.weight)],
-            metrics=[[keras.metrics.CategoricalAccuracy(name="accuracy")], []],
+            metrics=[[_LabelledAccuracy(name="accuracy")], []],
         )
         leading.append(_JointEpochs(joint, epoch_offset, [o.name.split("/")[0] for o in _output_layers(fit_model)]))
     else:

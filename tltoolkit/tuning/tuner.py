@@ -124,6 +124,7 @@ class TrialRunner:
 
     data_dir: str
     verbose: int | None = None
+    unlabeled: str | None = None  # Unlabelled images, for recipes with `pretrain.autoencoder`.
     folders: dict[tuple, Any] = field(default_factory=dict)
     backbones: dict[tuple, tuple[keras.Model, list[np.ndarray]]] = field(default_factory=dict)
 
@@ -147,6 +148,26 @@ class TrialRunner:
         backbone.set_weights(pretrained)  # A previous trial may have fine-tuned it.
         return backbone
 
+    def _pretrain(self, recipe: Recipe, folder, seed: int, callbacks: list):
+        """A trial's encoder: built from its `pretrain.autoencoder`, pretrained (unless `joint`) as `run` does."""
+        from tltoolkit.backbones.encoder import architecture_of, build_encoder
+        from tltoolkit.stages.pretrain import (
+            autoencoder_data,
+            build_autoencoder,
+            fit_autoencoder,
+            recalibrate_batchnorm,
+            unlabeled_items,
+        )
+
+        config = recipe.pretrain.autoencoder
+        encoder = build_encoder(architecture_of(config), recipe.data.image_size)
+        autoencoder = build_autoencoder(encoder, config, seed)
+        train, val, _ = unlabeled_items(self.unlabeled, folder.parts["train"], config, seed, progress=False)
+        if not config.joint:
+            fit_autoencoder(autoencoder, config, recipe.data, train, val, seed, callbacks, self.verbose)
+            recalibrate_batchnorm(autoencoder, train, autoencoder_data(config, recipe.data))
+        return encoder, autoencoder, train
+
     def run(self, recipe: Recipe, executions: int, objective: str, callbacks_for: Callable[[str], list]) -> TrialResult:
         """Trains `recipe`'s stages `executions` times (seeds seed, seed+1, ...); the objective is their mean.
 
@@ -165,14 +186,20 @@ class TrialRunner:
         for execution in range(executions):
             seed = recipe.seed + execution
             keras.utils.set_random_seed(seed)
-            backbone = self.backbone(recipe)
+            autoencoder, ae_images = None, None
+            if recipe.pretrain is None:
+                backbone = self.backbone(recipe)
+            else:  # Every trial trains its own autoencoder: its settings may be what the search varies.
+                backbone, autoencoder, ae_images = self._pretrain(recipe, folder, seed, callbacks_for(
+                    (f"e{execution}/" if execution else "") + "pretrain/"))  # fmt: skip
             check_points(backbone, recipe.backbone.freeze, recipe.stages)
-            training = prepare_training(recipe, folder, backbone, seed)
+            training = prepare_training(recipe, folder, backbone, seed, autoencoder, ae_images)
             for index, stage in enumerate(recipe.stages):
                 prefix = (f"e{execution}/" if execution else "") + f"{stage.name}/"
                 outcome = fit_stage(
                     training.model, backbone, recipe, stage, training.train, training.eval["val"],
                     training.class_weight, callbacks_for(prefix), self.verbose, training.features, stream=index,
+                    joint=training.joint, epoch_offset=sum(s.epochs for s in recipe.stages[:index]),
                 )  # fmt: skip
                 histories.append(outcome.history.assign(stage=stage.name, execution=execution))
                 evaluation = evaluate_items(folder.parts["val"], outcome.predict_val(), folder.class_names)
