@@ -241,7 +241,8 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
     autoencoder on them, then trains the head (frozen encoder, 30 epochs) and fine-tunes (15 epochs). The baseline
     is the same encoder architecture (backbone `autoencoder`, `weights: none`), same head, trained from scratch on
     the labels alone for the same 45 labelled epochs, everything trainable. For context, `recipes/quickstart.yaml`
-    (MobileNetV2 with ImageNet weights, 96 px) on the same labels. Three seeds (the labelled picks and the seed).
+    (MobileNetV2 with ImageNet weights, 96 px) on the same labels. Three seeds (the labelled picks and the seed):
+    10, 11, 12, kept apart from seeds 0-4, on which the recipe's noise level was chosen.
     """
     import numpy as np
 
@@ -249,7 +250,7 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
     from tltoolkit.data.demo import write_digits
 
     digits = write_digits(Path(args.workdir) / "digits")
-    seeds = [0, 1, 2]
+    seeds = [10, 11, 12]
     scratch_stages = ["stages=[{name: train, epochs: 45, unfreeze: all, optimizer: {name: adam, learning_rate: 0.001}}]",
                       "backbone.name=autoencoder", "backbone.weights=none", "backbone.freeze=none"]  # fmt: skip
     rows, scores = [], {"ae": [], "scratch": [], "imagenet": []}

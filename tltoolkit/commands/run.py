@@ -230,7 +230,7 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
     """
     import mlflow
 
-    from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, restore_variables
+    from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, restore_variables, variable_values
     from tltoolkit.tracking.models import log_classifier
     from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
     from tltoolkit.tracking.reports import log_curves, log_evaluation
@@ -306,7 +306,7 @@ def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone
                             mlflow.log_metric(f"{name}_val_accuracy", last_eval.metrics["accuracy"], run_id=parent_id)
                 state = {**state, "stage": index + 1, "epoch": -1, "rows": [], "stopped": False, "stopper": None,
                          "histories": state["histories"] + [history.to_dict("records")] if index >= 0 else state["histories"]}  # fmt: skip
-                store.save(state, {"model": [keras_value(v) for v in training.checkpoint_model.variables]})
+                store.save(state, {"model": variable_values(training.checkpoint_model.variables)})
                 child_id = None
 
             all_history = pd.concat(
@@ -434,12 +434,6 @@ def _final_autoencoder(client, parent_id, recipe, pretraining: _Pretraining, sta
         path = str(Path(tempfile.mkdtemp(prefix="tltoolkit-ae-")) / "autoencoder.keras")
         pretraining.autoencoder.scorer.save(path)
     return {"autoencoder": path, "threshold": threshold, "loss": config.loss, "percentile": config.anomaly_percentile}
-
-
-def keras_value(variable):
-    import keras
-
-    return keras.ops.convert_to_numpy(variable)
 
 
 def _log_parent_inputs(client, parent_id: str, recipe: Recipe, folder, dataset: str) -> None:

@@ -123,11 +123,11 @@ class _LabelledAccuracy(keras.metrics.CategoricalAccuracy):
 
 
 def _weighted_reconstruction(name: str, weight: keras.Variable):
-    def loss(y_true, y_pred):
-        error = keras.ops.square(y_true - y_pred) if name == "mse" else keras.ops.abs(y_true - y_pred)
-        return weight * keras.ops.mean(error, axis=(1, 2, 3))
+    """The autoencoder's reconstruction loss times `weight` (a variable: changing it needs no recompile)."""
+    from tltoolkit.stages.pretrain import reconstruction_loss
 
-    return loss
+    base = reconstruction_loss(name)
+    return lambda y_true, y_pred: weight * base(y_true, y_pred)
 
 
 def _with_targets(ds):
