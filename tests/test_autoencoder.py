@@ -7,7 +7,7 @@ from PIL import Image
 
 import tltoolkit
 from conftest import COLOURS, tiny_recipe, write_images
-from tltoolkit.errors import DataError
+from tltoolkit.errors import BackboneError, DataError
 from tltoolkit.model.layers import Corrupt
 
 
@@ -154,3 +154,19 @@ def test_corruption_is_seeded_noise_in_training_and_nothing_at_inference():
     masked = np.asarray(Corrupt("masking", 0.25, seed=1)(x, training=True))
     zero = (masked == 0).all(axis=-1)
     assert 0.18 < zero.mean() < 0.32 and ((masked == 0) | (masked == 128)).all(), "whole pixels masked, no rescale"
+
+
+def test_a_registered_backbone_as_the_encoder_is_mirrored_by_the_decoder():
+    from tltoolkit.backbones.encoder import build_decoder, build_encoder
+    from tltoolkit.recipe.schema import AutoencoderConfig
+    from tltoolkit.stages.pretrain import build_autoencoder
+
+    config = AutoencoderConfig(encoder="test_tiny", latent=6, epochs=1)
+    encoder = build_encoder({"encoder": "test_tiny", "widths": [1], "latent": 6}, 32)
+    assert encoder.output_shape == (None, 4, 4, 6) and "block3_relu" in [layer.name for layer in encoder.layers]
+    autoencoder = build_autoencoder(encoder, config, seed=0)
+    assert autoencoder.scorer.output_shape == (None, 32, 32, 3)
+    assert [layer.name for layer in autoencoder.decoder.layers if "conv" in layer.name] == [
+        "up1_conv", "up2_conv", "up3_conv"], "three halvings undone"  # fmt: skip
+    with pytest.raises(BackboneError, match="cannot be mirrored"):
+        build_decoder((3, 3, 6), 32, {"encoder": "test_tiny", "widths": [1], "latent": 6})
