@@ -242,7 +242,7 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
     is the same encoder architecture (backbone `autoencoder`, `weights: none`), same head, trained from scratch on
     the labels alone for the same 45 labelled epochs, everything trainable. For context, `recipes/quickstart.yaml`
     (MobileNetV2 with ImageNet weights, 96 px) on the same labels. Three seeds (the labelled picks and the seed):
-    10, 11, 12, kept apart from seeds 0-4, on which the recipe's noise level was chosen.
+    10, 11, 12, kept apart from seeds 0-2, on which the recipe's noise level was chosen.
     """
     import numpy as np
 
