@@ -16,7 +16,7 @@ import pandas as pd
 from tltoolkit.commands.interrupts import interrupts_raise
 from tltoolkit.errors import RecipeError, ResumeError
 from tltoolkit.recipe import Recipe, dump_recipe, load_recipe, locate
-from tltoolkit.tracking.store import connect, default_tracking_uri, resolve_tracking_uri
+from tltoolkit.tracking.store import checkpoint_root, connect, default_tracking_uri, resolve_tracking_uri
 
 
 @dataclass
@@ -121,13 +121,11 @@ def run(
         )
     pretraining = None
     if recipe.pretrain is not None:
-        from tltoolkit.stages.pretrain import build_autoencoder, unlabeled_items
+        from tltoolkit.stages.pretrain import prepare_pretraining
 
-        ae_train, ae_val, ae_skipped = unlabeled_items(unlabeled, folder.parts["train"], recipe.pretrain.autoencoder,
-                                                       recipe.seed)  # fmt: skip
-        autoencoder = build_autoencoder(backbone, recipe.pretrain.autoencoder, recipe.seed)
-        pretraining = _Pretraining(autoencoder, ae_train, ae_val, ae_skipped, str(unlabeled) if unlabeled else None)
-        print(f"Autoencoder images: {len(ae_train)} train, {len(ae_val)} held out ({len(ae_skipped)} skipped)"
+        pretraining = prepare_pretraining(recipe, backbone, folder.parts["train"], unlabeled, recipe.seed)
+        print(f"Autoencoder images: {len(pretraining.train)} train, {len(pretraining.val)} held out "
+              f"({len(pretraining.skipped)} skipped)"
               + (f" from {unlabeled}" if unlabeled else "") + (", labelled images' pixels included" if
               recipe.pretrain.autoencoder.use_labeled else "") + ".")  # fmt: skip
     training = prepare_training(recipe, folder, backbone, autoencoder=pretraining.autoencoder if pretraining else None,
@@ -157,13 +155,6 @@ def _data_digest(folder) -> str:
     from tltoolkit.stages.features import data_digest
 
     return data_digest([item for part in sorted(folder.parts) for item in folder.parts[part]])
-
-
-def checkpoint_root(uri: str) -> Path:
-    """Where runs keep their checkpoints: beside a SQLite store, else `./checkpoints` (made absolute)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).parent / "checkpoints"
-    return Path("checkpoints").resolve()
 
 
 def _resume_point(client, experiment_id: str, resume: bool | str, key: str, recipe: Recipe, data_dir, uri) -> _ResumePoint:
@@ -211,19 +202,8 @@ def _resume_point(client, experiment_id: str, resume: bool | str, key: str, reci
     )
 
 
-@dataclass
-class _Pretraining:
-    """An autoencoder recipe's extra parts: the autoencoder around the encoder (the backbone) and its images."""
-
-    autoencoder: object  # stages.pretrain.Autoencoder
-    train: list
-    val: list
-    skipped: list
-    unlabeled_dir: str | None
-
-
 def _train(client, experiment_id, experiment_name, uri, recipe, folder, backbone, training, verbose, key, digest,
-           point: _ResumePoint | None, pretraining: _Pretraining | None = None) -> RunResult:  # fmt: skip
+           point: _ResumePoint | None, pretraining=None) -> RunResult:  # fmt: skip
     """Logs the parent run, runs (or resumes) every stage as a child run, then scores and logs the final model.
 
     Stage index -1 is the autoencoder's `pretrain` stage, when the recipe has one (not in `joint` mode).
@@ -354,7 +334,7 @@ def _backbone_label(recipe: Recipe) -> str:
     return f"autoencoder ({recipe.pretrain.autoencoder.encoder} encoder)"
 
 
-def _pretrain_stage(client, run_id, recipe, pretraining: _Pretraining, title, verbose, resume, store, state):
+def _pretrain_stage(client, run_id, recipe, pretraining, title, verbose, resume, store, state):
     """Trains the autoencoder inside its (active) child run; logs its curves, reconstructions, encoder, threshold."""
     import tempfile
 
@@ -363,13 +343,7 @@ def _pretrain_stage(client, run_id, recipe, pretraining: _Pretraining, title, ve
 
     from tltoolkit.backbones.encoder import architecture_of, save_encoder
     from tltoolkit.recipe.schema import flatten
-    from tltoolkit.stages.pretrain import (
-        autoencoder_data,
-        fit_autoencoder,
-        recalibrate_batchnorm,
-        reconstruction_errors,
-        samples,
-    )
+    from tltoolkit.stages.pretrain import autoencoder_data, fit_autoencoder, reconstruction_errors, samples
     from tltoolkit.tracking.callback import MlflowMetrics
     from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
     from tltoolkit.tracking.reports import log_curves, log_skipped_files
@@ -382,7 +356,6 @@ def _pretrain_stage(client, run_id, recipe, pretraining: _Pretraining, title, ve
     history = fit_autoencoder(ae, config, recipe.data, pretraining.train, pretraining.val, recipe.seed,
                               [MlflowMetrics(run_id, client)], verbose, resume, store, state)  # fmt: skip
     data = autoencoder_data(config, recipe.data)
-    recalibrate_batchnorm(ae, pretraining.train, data)
     val_error = float(reconstruction_errors(ae.scorer, pretraining.val, data, config.loss).mean())
     errors = reconstruction_errors(ae.scorer, pretraining.train, data, config.loss)
     threshold = float(np.percentile(errors, config.anomaly_percentile))
@@ -407,7 +380,7 @@ def _pretrain_stage(client, run_id, recipe, pretraining: _Pretraining, title, ve
     return history
 
 
-def _final_autoencoder(client, parent_id, recipe, pretraining: _Pretraining, state, separate: bool) -> dict:
+def _final_autoencoder(client, parent_id, recipe, pretraining, state, separate: bool) -> dict:
     """Logs the final encoder to the parent run; returns the anomaly scorer and threshold to log with the model.
 
     After a separate pretraining, the scorer is the autoencoder as pretrained (a snapshot in the pretrain run: the

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tltoolkit.backbones.registry import check_backbone_name
+
+
+def plain_name(value: str | None) -> str | None:
+    """A name that becomes a folder (a search's, a run's): one path component, so it cannot point elsewhere."""
+    if value is not None and (value in ("", ".", "..") or any(c in value for c in "/\\\0")):
+        raise ValueError(f"{value!r} must be a plain name (no `/`, `\\`, or `..`), as it names a folder")
+    return value
+
+
+# A name that becomes a folder: `name`, `search.name`.
+PlainName = Annotated[str | None, AfterValidator(plain_name)]
 
 
 class _Section(BaseModel):
@@ -299,13 +310,8 @@ class SearchConfig(_Section):
     )
     factor: int = Field(3, ge=2, description="Hyperband's reduction factor.")
     directory: str = Field("tuning", description="Where the search's state lives (for resuming).")
-    name: str | None = Field(None, description="The search's folder under `directory`. Defaults to the recipe name.")
+    name: PlainName = Field(None, description="The search's folder under `directory`. Defaults to the recipe name.")
     space: dict[str, HyperparameterSpec] = Field(min_length=1, description="Dotted recipe path -> hyperparameter.")
-
-    @field_validator("name")
-    @classmethod
-    def _search_name_is_plain(cls, value: str | None) -> str | None:
-        return plain_name(value)
 
     @field_validator("directory")
     @classmethod
@@ -339,7 +345,7 @@ class SearchConfig(_Section):
 class Recipe(_Section):
     """A complete, validated recipe. Build it with `tltoolkit.recipe.load_recipe`."""
 
-    name: str | None = Field(None, description="Defaults to the recipe file's name.")
+    name: PlainName = Field(None, description="Defaults to the recipe file's name.")
     seed: int = Field(42, ge=0, le=2**31 - 1)
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -350,11 +356,6 @@ class Recipe(_Section):
     pretrain: PretrainConfig | None = Field(
         None, description="Autoencoder pretraining on unlabelled images; its encoder replaces `backbone.name`."
     )
-
-    @field_validator("name")
-    @classmethod
-    def _recipe_name_is_plain(cls, value: str | None) -> str | None:
-        return plain_name(value)
 
     @field_validator("stages")
     @classmethod
@@ -391,13 +392,6 @@ class Recipe(_Section):
     def flat(self) -> dict[str, Any]:
         """The recipe as `{"dotted.path": value}`, list items by index, as logged to MLflow params."""
         return flatten(self.to_dict())
-
-
-def plain_name(value: str | None) -> str | None:
-    """A name that becomes a folder (a search's, a run's): one path component, so it cannot point elsewhere."""
-    if value is not None and (value in ("", ".", "..") or any(c in value for c in "/\\\0")):
-        raise ValueError(f"{value!r} must be a plain name (no `/`, `\\`, or `..`), as it names a folder")
-    return value
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -55,6 +55,25 @@ def build_autoencoder(encoder: keras.Model, config: AutoencoderConfig, seed: int
     return Autoencoder(trainer, scorer, encoder, decoder)
 
 
+@dataclass
+class Pretraining:
+    """An autoencoder recipe's extra parts: the autoencoder around its encoder (the backbone) and its images."""
+
+    autoencoder: Autoencoder
+    train: list[Item]
+    val: list[Item]
+    skipped: list  # SkippedFile: unusable files in the unlabelled folder.
+    unlabeled_dir: str | None
+
+
+def prepare_pretraining(recipe, encoder: keras.Model, labelled_train: list[Item], unlabeled: str | Path | None,
+                        seed: int, progress: bool = True) -> Pretraining:  # fmt: skip
+    """The autoencoder around `encoder` and the images it trains on (see `unlabeled_items`)."""
+    config = recipe.pretrain.autoencoder
+    train, val, skipped = unlabeled_items(unlabeled, labelled_train, config, seed, progress)
+    return Pretraining(build_autoencoder(encoder, config, seed), train, val, skipped, str(unlabeled) if unlabeled else None)
+
+
 def unlabeled_items(unlabeled: str | Path | None, labelled_train: list[Item], config: AutoencoderConfig,
                     seed: int, progress: bool = True):  # fmt: skip
     """The autoencoder's images: the unlabelled folder's (checked like any scan), plus the labelled training
@@ -114,7 +133,8 @@ def fit_autoencoder(
     checkpoints: CheckpointStore | None = None,
     checkpoint_state: dict | None = None,
 ) -> pd.DataFrame:
-    """Trains the autoencoder; returns one row per epoch (`loss`, `val_loss`, `learning_rate`)."""
+    """Trains the autoencoder, then recalibrates its BatchNormalization statistics (`recalibrate_batchnorm`);
+    returns one row per epoch (`loss`, `val_loss`, `learning_rate`)."""
     from tltoolkit.stages.runner import EpochRows
 
     data = autoencoder_data(config, data)
@@ -144,6 +164,7 @@ def fit_autoencoder(
         steps_per_epoch=batches.steps_per_epoch, callbacks=[*stage_callbacks, *callbacks], shuffle=False,
         verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
     )  # fmt: skip
+    recalibrate_batchnorm(autoencoder, train, data)
     return pd.DataFrame(rows, columns=["epoch"] if not rows else None)
 
 

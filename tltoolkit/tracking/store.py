@@ -38,6 +38,13 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+def checkpoint_root(uri: str) -> Path:
+    """Where runs keep their checkpoints: beside a SQLite store (`mlruns/checkpoints`), else `./checkpoints`."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "checkpoints"
+    return Path("checkpoints").resolve()
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str):
     """Serialises the first touch of a SQLite store across processes (MLflow creates and migrates its tables then,

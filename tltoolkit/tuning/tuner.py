@@ -151,22 +151,15 @@ class TrialRunner:
     def _pretrain(self, recipe: Recipe, folder, seed: int, callbacks: list):
         """A trial's encoder: built from its `pretrain.autoencoder`, pretrained (unless `joint`) as `run` does."""
         from tltoolkit.backbones.encoder import architecture_of, build_encoder
-        from tltoolkit.stages.pretrain import (
-            autoencoder_data,
-            build_autoencoder,
-            fit_autoencoder,
-            recalibrate_batchnorm,
-            unlabeled_items,
-        )
+        from tltoolkit.stages.pretrain import fit_autoencoder, prepare_pretraining
 
         config = recipe.pretrain.autoencoder
         encoder = build_encoder(architecture_of(config), recipe.data.image_size)
-        autoencoder = build_autoencoder(encoder, config, seed)
-        train, val, _ = unlabeled_items(self.unlabeled, folder.parts["train"], config, seed, progress=False)
+        pretraining = prepare_pretraining(recipe, encoder, folder.parts["train"], self.unlabeled, seed, progress=False)
         if not config.joint:
-            fit_autoencoder(autoencoder, config, recipe.data, train, val, seed, callbacks, self.verbose)
-            recalibrate_batchnorm(autoencoder, train, autoencoder_data(config, recipe.data))
-        return encoder, autoencoder, train
+            fit_autoencoder(pretraining.autoencoder, config, recipe.data, pretraining.train, pretraining.val, seed,
+                            callbacks, self.verbose)  # fmt: skip
+        return encoder, pretraining.autoencoder, pretraining.train
 
     def run(self, recipe: Recipe, executions: int, objective: str, callbacks_for: Callable[[str], list]) -> TrialResult:
         """Trains `recipe`'s stages `executions` times (seeds seed, seed+1, ...); the objective is their mean.
