@@ -76,12 +76,12 @@ def tiny_recipe(**sections) -> dict:
 
 SLOW_EPOCHS = """
 import time
-from tltoolkit.tracking.callback import MlflowMetrics
-_log = MlflowMetrics.on_epoch_end
+from tltoolkit.stages.callbacks import HookEpochs
+_log = HookEpochs.on_epoch_end
 def on_epoch_end(self, epoch, logs=None):
     _log(self, epoch, logs)
     time.sleep(0.7)  # A window to kill the process in, mid-trial, after an epoch was logged.
-MlflowMetrics.on_epoch_end = on_epoch_end
+HookEpochs.on_epoch_end = on_epoch_end
 """
 
 

@@ -105,20 +105,20 @@ def test_joint_mode_trains_reconstruction_alongside_with_a_decaying_weight(image
 
 
 def test_killed_in_pretraining_resumes_the_same_pretrain_run(image_folder, unlabeled, monkeypatch):
-    from tltoolkit.tracking.callback import MlflowMetrics
+    from tltoolkit.tracking.runs import RunTracker
 
-    original = MlflowMetrics.on_epoch_end
+    original = RunTracker.on_epoch_end
 
-    def interrupted(self, epoch, logs=None):
-        if epoch == 1 and "val_accuracy" not in (logs or {}):
+    def interrupted(self, stage, epoch, logs):
+        if epoch == 1 and "val_accuracy" not in logs:
             raise KeyboardInterrupt  # Pretraining's epoch 1 is checkpointed; MLflow has not seen it.
-        original(self, epoch, logs)
+        original(self, stage, epoch, logs)
 
-    monkeypatch.setattr(MlflowMetrics, "on_epoch_end", interrupted)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", interrupted)
     recipe = ae_recipe(epochs=3)
     with pytest.raises(KeyboardInterrupt):
         tltoolkit.run(recipe, image_folder, unlabeled=unlabeled, verbose=0)
-    monkeypatch.setattr(MlflowMetrics, "on_epoch_end", original)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
     result = tltoolkit.run(recipe, image_folder, unlabeled=unlabeled, resume=True, verbose=0)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tltoolkit").experiment_id])

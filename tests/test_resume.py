@@ -124,31 +124,25 @@ def test_sigterm_marks_runs_killed_keeps_the_checkpoint_and_says_how_to_resume(i
 
 
 def test_ctrl_c_after_a_checkpoint_before_mlflow_logs_each_epoch_once(image_folder, monkeypatch):
-    from tltoolkit.tracking.callback import MlflowMetrics
+    from tltoolkit.tracking.runs import RunTracker
 
-    original = MlflowMetrics.on_epoch_end
+    original = RunTracker.on_epoch_end
 
-    def interrupted(self, epoch, logs=None):
-        if self.run_id == state["head"] and epoch == 1:
+    def interrupted(self, stage, epoch, logs):
+        state.setdefault("head", self.child_id)
+        if self.child_id == state["head"] and epoch == 1:
             raise KeyboardInterrupt  # The checkpoint of epoch 1 is written; MLflow has not seen the epoch.
-        original(self, epoch, logs)
+        original(self, stage, epoch, logs)
 
     state = {}
-    original_init = MlflowMetrics.__init__
-
-    def remember(self, run_id, client=None, prefix=""):
-        state.setdefault("head", run_id)
-        original_init(self, run_id, client, prefix)
-
-    monkeypatch.setattr(MlflowMetrics, "__init__", remember)
-    monkeypatch.setattr(MlflowMetrics, "on_epoch_end", interrupted)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", interrupted)
     recipe = resumable_recipe()
     with pytest.raises(KeyboardInterrupt):
         tltoolkit.run(recipe, image_folder, verbose=0)
     client = MlflowClient()
     assert epochs_logged(client, state["head"]) == [0]
     assert client.get_run(state["head"]).info.status == "KILLED"
-    monkeypatch.setattr(MlflowMetrics, "on_epoch_end", original)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
 
     result = tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
     assert result.stage_runs["head"] == state["head"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 import sys
 from pathlib import Path
@@ -44,15 +46,51 @@ def _add_tracking_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Console(logging.Handler):
+    """The `tltoolkit` logger's messages on the terminal: information on stdout (on stderr where stdout carries
+    data, as `predict`'s CSV), warnings and errors on stderr.
+
+    The streams are looked up at each message, so a redirected `sys.stdout` (a test's capture, say) gets them.
+    """
+
+    def __init__(self, data_on_stdout: bool = False):
+        super().__init__()
+        self.data_on_stdout = data_on_stdout
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.WARNING:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            else:
+                print(message, file=sys.stderr if self.data_on_stdout else sys.stdout, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(verbosity: int = 0, data_on_stdout: bool = False) -> None:
+    """Shows the library's `tltoolkit` log on the terminal: `-1` warnings only, `0` information, `1` debug too."""
+    logger = logging.getLogger("tltoolkit")
+    for handler in [h for h in logger.handlers if isinstance(h, _Console)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_Console(data_on_stdout))
+    logger.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tltoolkit",
         description="Transfer learning for image classifiers: a recipe and an image folder in, "
         "a trained model tracked in MLflow out.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = functools.partial(sub.add_parser, parents=[common])  # Every command takes -q and -v.
 
-    run = sub.add_parser("run", help="train a classifier as a recipe says (head stage, then fine-tune)")
+    run = command("run", help="train a classifier as a recipe says (head stage, then fine-tune)")
     _add_run_flags(run)
     run.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="RUN_ID",
@@ -60,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in the same MLflow runs; or the run RUN_ID",
     )  # fmt: skip
 
-    tune = sub.add_parser(
+    tune = command(
         "tune", help="keras-tuner search over the recipe's `search.space`; every trial an MLflow child run; resumable"
     )
     _add_run_flags(tune)
@@ -73,20 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--oracle-address", metavar="HOST:PORT", help="the chief's address (with --distributed)")
     tune.add_argument("--worker-id", help="a name for this worker (default: its process id)")
 
-    demo = sub.add_parser("demo", help="write the built-in digits dataset and run recipes/quickstart.yaml on it")
+    demo = command("demo", help="write the built-in digits dataset and run recipes/quickstart.yaml on it")
     demo.add_argument("--out", default="data/digits", help="where the demo images go (default: data/digits)")
     demo.add_argument("--recipe", default="recipes/quickstart.yaml")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     _add_tracking_flag(demo)
 
-    evaluate = sub.add_parser("evaluate", help="score a model on a labelled folder; logged to MLflow")
+    evaluate = command("evaluate", help="score a model on a labelled folder; logged to MLflow")
     evaluate.add_argument("model", help="run id, runs:/ or models:/ URI, MLflow model folder, or .keras file")
     evaluate.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
     evaluate.add_argument("--experiment")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
     _add_tracking_flag(evaluate)
 
-    predict = sub.add_parser(
+    predict = command(
         "predict",
         help="predict classes of images; CSV of path, top-k classes, probabilities",
         usage="tltoolkit predict MODEL PATH [PATH ...] | tltoolkit predict --imagenet PATH [PATH ...]",
@@ -106,18 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
     _add_tracking_flag(predict)
 
-    compare = sub.add_parser("compare", help="table of an experiment's runs, stage metrics side by side")
+    compare = command("compare", help="table of an experiment's runs, stage metrics side by side")
     compare.add_argument("--experiment", default="tltoolkit")
     compare.add_argument("--csv", help="also write the table to this CSV file")
     _add_tracking_flag(compare)
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on this store (bound to 127.0.0.1)")
+    ui = command("ui", help="open the MLflow UI on this store (bound to 127.0.0.1)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
     _add_tracking_flag(ui)
 
-    listing = sub.add_parser(
+    listing = command(
         "backbones", help="list backbones and their weight sources, or the layers of one (to choose freeze points)"
     )
     listing.add_argument("--layers", metavar="NAME", help="print the layers of this backbone, in freeze order")
@@ -132,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tltoolkit` console script and `python -m tltoolkit`."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_logging(-1 if args.quiet else 1 if args.verbose else 0, data_on_stdout=args.command == "predict")
     try:
         return _dispatch(args)
     except TltoolkitError as exc:
@@ -147,23 +186,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 40)
+    verbose = 0 if args.quiet else None  # Keras progress: none, or a bar on a terminal and a line per epoch elsewhere.
     if args.command == "run":
         from tltoolkit.commands.run import run
 
-        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment, resume=args.resume,
-            unlabeled=args.unlabeled)  # fmt: skip
+        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment, verbose=verbose,
+            resume=args.resume, unlabeled=args.unlabeled)  # fmt: skip
     elif args.command == "tune":
         from tltoolkit.commands.tune import tune
 
         tune(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment,
-             overwrite=args.overwrite, then_run=args.then_run, distributed=args.distributed,
+             overwrite=args.overwrite, then_run=args.then_run, verbose=verbose, distributed=args.distributed,
              oracle_address=args.oracle_address, worker_id=args.worker_id, unlabeled=args.unlabeled)  # fmt: skip
     elif args.command == "demo":
         from tltoolkit.commands.run import run
         from tltoolkit.data.demo import write_digits
 
         data = write_digits(args.out)
-        run(_find_recipe(args.recipe), data, args.overrides, args.tracking_uri)
+        run(_find_recipe(args.recipe), data, args.overrides, args.tracking_uri, verbose=verbose)
     elif args.command == "evaluate":
         from tltoolkit.commands.evaluate import evaluate
 

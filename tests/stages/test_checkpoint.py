@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from tltoolkit.stages.checkpoint import CheckpointStore
+from tltoolkit.stages.checkpoint import CheckpointLayoutError, CheckpointStore, TrainingState
 
 
 def save(store, epoch):
-    return store.save({"epoch": epoch}, {"model": [np.full((3, 2), epoch, np.float32), np.arange(epoch + 1)]})
+    return store.save(TrainingState(key="k", data="d", epoch=epoch), {"model": [np.full((3, 2), epoch, np.float32), np.arange(epoch + 1)]})
 
 
 def test_checkpoints_round_trip_and_only_the_newest_two_are_kept(tmp_path):
@@ -14,7 +14,7 @@ def test_checkpoints_round_trip_and_only_the_newest_two_are_kept(tmp_path):
         save(store, epoch)
     assert [p.name for p in store.paths()] == ["checkpoint-000002.npz", "checkpoint-000003.npz"]
     latest = store.latest()
-    assert latest.state == {"epoch": 3}
+    assert latest.state.epoch == 3
     np.testing.assert_array_equal(latest.arrays["model"][0], np.full((3, 2), 3, np.float32))
     np.testing.assert_array_equal(latest.arrays["model"][1], np.arange(4))
     assert not list((tmp_path / "ckpt").glob(".*"))
@@ -35,7 +35,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_with_a_warning
         newest.write_bytes(b"")
     with pytest.warns(UserWarning, match=rf"{newest.name} cannot be read.*falling back"):
         latest = store.latest()
-    assert latest.state == {"epoch": 0}
+    assert latest.state.epoch == 0
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -51,6 +51,27 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, mo
         save(store, 1)
     assert [p.name for p in store.paths()] == ["checkpoint-000000.npz"]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "no temporary file left behind"
-    assert store.latest().state == {"epoch": 0}
+    assert store.latest().state.epoch == 0
     monkeypatch.undo()
     assert save(store, 1).name == "checkpoint-000001.npz"
+
+
+def test_the_state_round_trips_with_its_types(tmp_path):
+    from tltoolkit.stages.checkpoint import StopperState
+
+    store = CheckpointStore(tmp_path)
+    state = TrainingState(key="k", data="d", stage=2, epoch=1, rows=[{"epoch": 0, "loss": 0.5}], stage_runs={"0": "r"},
+                          histories=[[{"epoch": 0}]], stopper=StopperState(1, 0.25, 0, 0))  # fmt: skip
+    store.save(state, {})
+    assert store.latest().state == state
+
+
+def test_a_checkpoint_of_an_older_layout_is_refused_not_misread(tmp_path):
+    """Layout 1 was an untyped dict (stage -1 meant pretraining); reading it as today's state would resume wrongly."""
+    import json
+
+    old = {"key": "k", "data": "d", "stage": -1, "epoch": 0, "rows": [], "stage_runs": {}, "histories": []}
+    np.savez(tmp_path / "checkpoint-000000.npz", state=np.frombuffer(json.dumps(old).encode(), dtype=np.uint8))
+    with pytest.raises(CheckpointLayoutError, match=r"checkpoint-000000.npz was written by another version.*layout 1.*"
+                       r"start a new run without --resume"):  # fmt: skip
+        CheckpointStore(tmp_path).latest()

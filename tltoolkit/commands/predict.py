@@ -6,10 +6,13 @@ the quickest proof that the weights are real.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import pandas as pd
+
+_logger = logging.getLogger(__name__)
 
 
 def predict(
@@ -53,8 +56,8 @@ def predict(
         errors = _reconstruction_errors(loaded, image_batches(images, config))
         extra = {"reconstruction_error": errors, "anomaly": errors > loaded.anomaly_threshold}
         flagged = int(extra["anomaly"].sum())
-        print(f"Anomaly scores: {flagged} of {len(images)} image(s) reconstruct worse than the training images' "
-              f"threshold {loaded.anomaly_threshold:.5f} (column `anomaly`).", file=sys.stderr)  # fmt: skip
+        _logger.info("Anomaly scores: %d of %d image(s) reconstruct worse than the training images' threshold %.5f "
+                     "(column `anomaly`).", flagged, len(images), loaded.anomaly_threshold)  # fmt: skip
     return _top_k_table(images, probabilities, loaded.class_names, top_k, output, extra)
 
 
@@ -109,7 +112,7 @@ def predict_imagenet(
     config = DataConfig(image_size=size, resize="crop", batch_size=batch_size, cache=False)
     logits = model.predict(image_batches(images, config), verbose=0)
     probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
-    print(f"ImageNet classes by {backbone} (weights: {weights})", file=sys.stderr)
+    _logger.info("ImageNet classes by %s (weights: %s)", backbone, weights)
     return _top_k_table(images, probabilities, imagenet_class_names(), top_k, output)
 
 
@@ -124,7 +127,7 @@ def _readable_images(paths: list[str | Path]) -> list[str]:
 
     found = image_files(list(paths), progress=False)
     for item in found.skipped:
-        print(f"Skipped {item.path}: {item.reason}", file=sys.stderr)
+        _logger.warning("Skipped %s: %s", item.path, item.reason)
     return found.images
 
 
@@ -144,5 +147,5 @@ def _top_k_table(images, probabilities, class_names, top_k: int, output, extra: 
         table[column] = values
     if output:
         table.to_csv(output, index=False, float_format="%.6f")
-        print(f"Wrote {len(table)} predictions to {output}.", file=sys.stderr)
+        _logger.info("Wrote %d predictions to %s.", len(table), output)
     return table

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
 from tltoolkit.errors import TltoolkitError
 from tltoolkit.tracking.store import resolve_tracking_uri
+
+_logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -37,7 +40,7 @@ def ui_command(
 def ui(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, allowed_hosts: str | None = None) -> int:
     """Runs the MLflow UI until interrupted; returns its exit status."""
     command = ui_command(tracking_uri, host, port, allowed_hosts)
-    print(f"MLflow UI for {command[5]} at http://{host}:{port} (Ctrl-C stops it)")
+    _logger.info("MLflow UI for %s at http://%s:%s (Ctrl-C stops it)", command[5], host, port)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:

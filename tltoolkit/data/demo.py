@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
 import numpy as np
 from PIL import Image
+
+_logger = logging.getLogger(__name__)
 
 DEMO_SIZE = 32  # The 8x8 digits are upscaled to this side.
 
@@ -38,7 +41,7 @@ def write_digits(out: str | Path, unlabeled_fraction: float = 0.3, test_fraction
     for i in unlabelled:
         _save(images[i], out / "unlabeled" / f"digit_{i:04d}.png")
     marker.write_text(f"{len(train)} train, {len(test)} test, {len(unlabelled)} unlabeled\n")
-    print(f"Wrote the digits demo set to {out}: {marker.read_text().strip()}.")
+    _logger.info("Wrote the digits demo set to %s: %s.", out, marker.read_text().strip())
     return out / "labeled"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ from tltoolkit.data.images import UnreadableImage, read_image, skip_reason
 from tltoolkit.errors import DataError
 
 SPLITS = ("train", "val", "test")
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def check_files(
         from keras.utils import Progbar
 
         reused = len(files) - len(todo)
-        print(f"Checking {len(todo)} files" + (f" ({reused} unchanged since the last scan)..." if reused else "..."))
+        _logger.info("Checking %d files%s", len(todo), f" ({reused} unchanged since the last scan)..." if reused else "...")
         bar = Progbar(len(todo), unit_name="file")
 
     def check(path: Path) -> str | None:

@@ -1,6 +1,6 @@
 """Recipes: YAML in, a validated, frozen `Recipe` out."""
 
-from tltoolkit.recipe.loader import dump_recipe, load_recipe, locate, parse_override
+from tltoolkit.recipe.loader import as_recipe, dump_recipe, load_recipe, locate, parse_override
 from tltoolkit.recipe.schema import (
     AugmentConfig,
     BackboneConfig,
@@ -26,6 +26,7 @@ __all__ = [
     "ScheduleConfig",
     "StageConfig",
     "TrackingConfig",
+    "as_recipe",
     "dump_recipe",
     "flatten",
     "load_recipe",

@@ -230,3 +230,10 @@ def _line_of(node: yaml.Node, loc: list[str]) -> int | None:
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML, as saved with every run."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def as_recipe(recipe: Recipe | str | Path | dict, overrides: Iterable[str]) -> Recipe:
+    """A `Recipe` from a file, dict or `Recipe`, with `--set` overrides applied before validation."""
+    if isinstance(recipe, Recipe):
+        return load_recipe(recipe.to_dict(), overrides) if overrides else recipe
+    return load_recipe(recipe, overrides)

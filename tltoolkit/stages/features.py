@@ -11,6 +11,7 @@ full model would: same batches in the same order, same weights, same updates.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import os
 import sys
@@ -24,6 +25,8 @@ import tensorflow as tf
 from tltoolkit.data.split import Item
 from tltoolkit.model.layers import InferenceMode
 from tltoolkit.recipe import DataConfig
+
+_logger = logging.getLogger(__name__)
 
 # Above this many bytes of features, train through the backbone instead (a note says so).
 MAX_BYTES = int(float(os.environ.get("TLTOOLKIT_FEATURE_CACHE_MAX_GB", "4")) * 2**30)
@@ -146,9 +149,9 @@ class FeatureSource:
         per_image = sum(int(np.prod(t.shape[1:])) * 4 for t in cut)
         total = per_image * sum(len(self.parts[p]) for p in ("train", "val"))
         if total > MAX_BYTES:
-            print(
-                f"Feature cache: {total / 2**30:.1f} GiB of features at this cut exceed the {MAX_BYTES / 2**30:.0f} GiB "
-                "limit (TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone."
+            _logger.info(
+                "Feature cache: %.1f GiB of features at this cut exceed the %.0f GiB limit "
+                "(TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.", total / 2**30, MAX_BYTES / 2**30
             )
             return None
         key = (
@@ -178,7 +181,7 @@ def _extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: 
 
     ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
     if verbose:
-        print(f"Feature cache: computing the frozen layers' outputs for {what} (once)...")
+        _logger.info("Feature cache: computing the frozen layers' outputs for %s (once)...", what)
     tty = bool(verbose) and sys.stdout.isatty()
     progress = [] if tty or not verbose else [_Progress(len(items), data.batch_size)]
     outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)
@@ -200,7 +203,7 @@ class _Progress(keras.callbacks.Callback):
         now = time.perf_counter()
         if now - self.last > 10 or done == self.total:
             self.last = now
-            print(f"  {done}/{self.total} images, {done / max(now - self.started, 1e-9):.1f} images/s")
+            _logger.info("  %d/%d images, %.1f images/s", done, self.total, done / max(now - self.started, 1e-9))
 
 
 def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: int, epochs: tuple | None = None):

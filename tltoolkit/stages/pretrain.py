@@ -8,7 +8,7 @@ training image's reconstruction error (the same loss, clean input, per image) ca
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +23,13 @@ from tltoolkit.errors import DataError
 from tltoolkit.model.layers import Corrupt
 from tltoolkit.recipe import DataConfig, ScheduleConfig
 from tltoolkit.recipe.schema import AutoencoderConfig
-from tltoolkit.stages.checkpoint import CheckpointCallback, CheckpointStore, StageResume, restore_variables
+from tltoolkit.stages.callbacks import EpochRows, StageRun, fit_verbosity
+from tltoolkit.stages.checkpoint import CheckpointCallback, restore_variables
 from tltoolkit.stages.optimizers import build_optimizer
 
 # The stream index of pretraining's epochs (stages use their own index; this keeps the orders apart).
 PRETRAIN_STREAM = 1000
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,51 +122,39 @@ def reconstruction_loss(name: str):
     return keras.losses.MeanSquaredError() if name == "mse" else keras.losses.MeanAbsoluteError()
 
 
-def fit_autoencoder(
-    autoencoder: Autoencoder,
-    config: AutoencoderConfig,
-    data: DataConfig,
-    train: list[Item],
-    val: list[Item],
-    seed: int,
-    callbacks: list[keras.callbacks.Callback] = (),
-    verbose: int | None = None,
-    resume: StageResume | None = None,
-    checkpoints: CheckpointStore | None = None,
-    checkpoint_state: dict | None = None,
-) -> pd.DataFrame:
+def fit_autoencoder(pretraining: Pretraining, config: AutoencoderConfig, data: DataConfig, seed: int,
+                    run: StageRun) -> pd.DataFrame:  # fmt: skip
     """Trains the autoencoder, then recalibrates its BatchNormalization statistics (`recalibrate_batchnorm`);
-    returns one row per epoch (`loss`, `val_loss`, `learning_rate`)."""
-    from tltoolkit.stages.runner import EpochRows
-
-    data = autoencoder_data(config, data)
-    batches = TrainingBatches(train, 1, data, seed)
-    first = resume.first_epoch if resume else 0
-    train_ds = _targets(batches.epochs(PRETRAIN_STREAM, first, config.epochs))
-    val_ds = _targets(image_dataset(val, 1, data))
+    returns one row per epoch (`loss`, `val_loss`, `learning_rate`). `run` says how (resume, checkpoints, callbacks;
+    its `stage` is unused: the epochs are `config.epochs`)."""
+    autoencoder, data = pretraining.autoencoder, autoencoder_data(config, data)
+    batches = TrainingBatches(pretraining.train, 1, data, seed)
+    first, last = run.epochs(config.epochs)
     model = autoencoder.trainer
     model.compile(
         optimizer=build_optimizer(config.optimizer, ScheduleConfig(), batches.steps_per_epoch, config.epochs),
         loss=reconstruction_loss(config.loss),
     )
-    if resume is not None:
+    if run.resume is not None:
         model.optimizer.build(model.trainable_variables)
-        restore_variables(model.optimizer.variables, resume.optimizer, "optimizer", resume.path)
-    rows: list[dict] = [dict(row) for row in resume.rows] if resume else []
-    stage_callbacks: list[keras.callbacks.Callback] = [EpochRows(rows)]
-    if checkpoints is not None:
-        stage_callbacks.append(CheckpointCallback(checkpoints, model, checkpoint_state or {}, rows))
-    print(
-        f"Stage 'pretrain': autoencoder ({config.encoder} encoder, latent {config.latent}, {config.noise} noise, "
-        f"{config.loss}) on {len(train)} images ({len(val)} held out), {config.epochs} epoch(s), "
-        f"{model.count_params():,} parameters" + (f"; resuming at epoch {first + 1}." if resume else ".")
-    )
-    model.fit(
-        train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=first,
-        steps_per_epoch=batches.steps_per_epoch, callbacks=[*stage_callbacks, *callbacks], shuffle=False,
-        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
+        restore_variables(model.optimizer.variables, run.resume.optimizer, "optimizer", run.resume.path)
+    rows: list[dict] = [dict(row) for row in run.resume.rows] if run.resume else []
+    callbacks: list[keras.callbacks.Callback] = [EpochRows(rows)]
+    if run.checkpoints is not None:
+        callbacks.append(CheckpointCallback(run.checkpoints, model, run.state, rows))
+    _logger.info(
+        "Stage 'pretrain': autoencoder (%s encoder, latent %d, %s noise, %s) on %d images (%d held out), %d epoch(s), "
+        "%s parameters%s", config.encoder, config.latent, config.noise, config.loss, len(pretraining.train),
+        len(pretraining.val), config.epochs, f"{model.count_params():,}",
+        f"; resuming at epoch {first + 1}." if run.resume else ".",
     )  # fmt: skip
-    recalibrate_batchnorm(autoencoder, train, data)
+    model.fit(
+        _targets(batches.epochs(PRETRAIN_STREAM, first, config.epochs)),
+        validation_data=_targets(image_dataset(pretraining.val, 1, data)), epochs=last, initial_epoch=first,
+        steps_per_epoch=batches.steps_per_epoch, callbacks=[*callbacks, *run.callbacks], shuffle=False,
+        verbose=fit_verbosity(run.verbose),
+    )  # fmt: skip
+    recalibrate_batchnorm(autoencoder, pretraining.train, data)
     return pd.DataFrame(rows, columns=["epoch"] if not rows else None)
 
 

@@ -1,28 +1,35 @@
-"""Running one training stage: set what trains, recompile with a fresh optimizer, fit, restore the best epoch."""
+"""Fitting one classifier stage: set what trains, recompile with a fresh optimizer, fit, restore the best epoch.
+
+A stage fits in one of three modes, each a function of its own: through the whole classifier (`_plain`), on the
+frozen prefix's cached outputs (`_cached`, see `features.py`), or with the autoencoder's reconstruction as a second
+output (`_joint`). The modes only decide what is fitted on what; `_fit` runs the shared part.
+"""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 import pandas as pd
-from sklearn.utils.class_weight import compute_class_weight
 
-from tltoolkit.data.pipeline import TrainingBatches
-from tltoolkit.errors import DataError
 from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
 from tltoolkit.model.metrics import TOP_K
-from tltoolkit.recipe import HeadConfig, Recipe, StageConfig
-from tltoolkit.stages.checkpoint import CheckpointCallback, CheckpointStore, StageResume, restore_variables
-from tltoolkit.stages.features import FeatureSource
+from tltoolkit.recipe import Recipe, StageConfig
+from tltoolkit.stages.callbacks import EpochRows, ResumableEarlyStopping, StageRun, fit_verbosity
+from tltoolkit.stages.checkpoint import CheckpointCallback, restore_variables
+from tltoolkit.stages.features import CachedInputs
 from tltoolkit.stages.optimizers import build_optimizer
+from tltoolkit.stages.training import Training
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StageOutcome:
-    name: str
+class ClassifierOutcome:
+    """What fitting a classifier stage gives back."""
+
     history: pd.DataFrame  # One row per epoch run: epoch, loss, accuracy, val_loss, val_accuracy, learning_rate...
     trainable: TrainableSummary
     best_epoch: int | None  # 0-based epoch whose weights were restored (early stopping), else None.
@@ -37,161 +44,113 @@ class StageOutcome:
 
 
 @dataclass
-class Training:
-    """What every stage of one training shares: the classifier, its batches, class weights and the feature cache."""
+class _Fit:
+    """What one mode fits: the model, its epochs and validation batches, and how it is described and scored."""
 
     model: keras.Model
-    train: TrainingBatches  # Shuffled epochs, one stream per stage, resumable at any epoch.
-    eval: dict  # Part name ("val", maybe "test") -> batches in file order.
-    class_weight: dict[int, float] | None
-    features: FeatureSource
-    joint: Joint | None = None  # An autoencoder recipe in `joint` mode: reconstruction trains alongside.
+    train: object
+    val: object
+    steps: int
+    eval_model: keras.Model
+    eval_data: object
+    class_weight: dict | None = None
+    leading: list = field(default_factory=list)  # Callbacks that run before the epoch is recorded.
+    note: str = ""
+    cached_above: str | None = None
 
-    @property
-    def checkpoint_model(self) -> keras.Model:
-        """The model whose every variable a checkpoint holds (the joint model includes the decoder)."""
-        return self.joint.model if self.joint is not None else self.model
 
+def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
+    """Trains one classifier stage of `training` as `run` says (see `StageRun`).
 
-@dataclass
-class Joint:
-    """Classification and reconstruction trained together (`pretrain.autoencoder.joint`).
-
-    Every stage fits `model` (image -> [class probabilities, reconstruction]) on the labelled training images plus
-    the autoencoder's images (their labels all zero, so they add reconstruction loss only), with reconstruction an
-    auxiliary loss whose weight `joint_weight` decays over all stages' epochs as `joint_decay` says.
+    The backbone's layers are frozen or unfrozen per `run.stage.unfreeze` and the recipe's `backbone.freeze`. When
+    the feature cache serves the stage, the layers above the cut train on cached features: the same batches, updates
+    and weights as training through the frozen layers, without running them every epoch.
     """
-
-    model: keras.Model
-    train: TrainingBatches
-    config: object  # AutoencoderConfig
-    total_epochs: int
-    weight: keras.Variable
-
-    def weight_at(self, epoch: int) -> float:
-        """The reconstruction loss's weight in (global, 0-based) epoch `epoch`."""
-        progress = min(1.0, epoch / max(1, self.total_epochs - 1))  # Zero in the last epoch.
-        w0, decay = self.config.joint_weight, self.config.joint_decay
-        if decay == "linear":
-            return w0 * (1.0 - progress)
-        if decay == "cosine":
-            return w0 * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
-        return w0
+    recipe, backbone = training.recipe, training.backbone
+    frozen = unfrozen_prefix(backbone, run.stage.unfreeze, recipe.backbone.freeze)
+    summary = set_trainable(training.model, backbone, frozen, run.stage.train_bn)
+    if training.joint is not None:
+        fit = _joint(training, run)
+    else:
+        first, last = run.epochs()
+        features = training.features
+        cached = features.inputs(training.model, backbone, frozen, run.verbose != 0, run.stream, first, last) if (
+            features is not None) else None  # fmt: skip
+        fit = _cached(training, run, cached) if cached else _plain(training, run)
+    return _fit(training, run, summary, fit)
 
 
-class _JointEpochs(keras.callbacks.Callback):
-    """Sets the reconstruction weight each epoch and gives the joint model's logs the usual names."""
-
-    def __init__(self, joint: Joint, offset: int, outputs: list[str]):
-        super().__init__()
-        self.joint, self.offset = joint, offset
-        self.classes, self.reconstruction = outputs
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.joint.weight.assign(self.joint.weight_at(self.offset + epoch))
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        for prefix in ("", "val_"):
-            if f"{prefix}{self.classes}_accuracy" in logs:
-                logs[f"{prefix}accuracy"] = logs.pop(f"{prefix}{self.classes}_accuracy")
-            if f"{prefix}{self.classes}_loss" in logs:
-                logs[f"{prefix}classification_loss"] = logs.pop(f"{prefix}{self.classes}_loss")
-            if f"{prefix}{self.reconstruction}_loss" in logs:
-                logs[f"{prefix}reconstruction_loss"] = logs.pop(f"{prefix}{self.reconstruction}_loss")
-        logs["reconstruction_weight"] = float(self.joint.weight.numpy())
+def _plain(training: Training, run: StageRun) -> _Fit:
+    first, last = run.epochs()
+    val = training.eval["val"]
+    compile_for_stage(training.model, training.recipe, run.stage, training.train.steps_per_epoch)
+    return _Fit(training.model, training.train.epochs(run.stream, first, last), val, training.train.steps_per_epoch,
+                training.model, val, training.class_weight)  # fmt: skip
 
 
-def _masked_crossentropy(label_smoothing: float):
-    """Categorical cross-entropy over labelled rows only: rows whose one-hot label is all zero add nothing."""
-    base = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
-
-    def loss(y_true, y_pred):
-        labelled = keras.ops.cast(keras.ops.sum(y_true, axis=-1) > 0, y_pred.dtype)
-        return base(y_true, y_pred) * labelled
-
-    return loss
+def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
+    steps = training.train.steps_per_epoch
+    # On cached features a step is tiny, so a whole epoch runs per compiled call.
+    compile_for_stage(cached.model, training.recipe, run.stage, steps, steps_per_execution=steps)
+    return _Fit(cached.model, cached.train, cached.val, steps, cached.model, cached.val, training.class_weight,
+                note=f", on cached features below `{cached.cut}`", cached_above=cached.cut)  # fmt: skip
 
 
-class _LabelledAccuracy(keras.metrics.CategoricalAccuracy):
-    """Accuracy over the labelled rows of a joint batch (unlabelled rows have all-zero labels)."""
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        labelled = keras.ops.cast(keras.ops.sum(y_true, axis=-1) > 0, "float32")
-        return super().update_state(y_true, y_pred, sample_weight=labelled)
-
-
-def _weighted_reconstruction(name: str, weight: keras.Variable):
-    """The autoencoder's reconstruction loss times `weight` (a variable: changing it needs no recompile)."""
-    from tltoolkit.stages.pretrain import reconstruction_loss
-
-    base = reconstruction_loss(name)
-    return lambda y_true, y_pred: weight * base(y_true, y_pred)
-
-
-def _with_targets(ds):
-    import tensorflow as tf
-
-    return ds.map(lambda x, y: (x, (y, x / 255.0)), num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def prepare_training(recipe: Recipe, folder, backbone: keras.Model, seed: int | None = None, autoencoder=None,
-                     unlabeled: list | None = None) -> Training:  # fmt: skip
-    """Builds the classifier on `backbone` and the pipelines its stages train and score on.
-
-    Args:
-        recipe: The head, data and class-weight settings.
-        folder: From `prepare_data`.
-        backbone: From `create_backbone` (or the encoder of an autoencoder recipe).
-        seed: Shuffling (and augmentation) seed. Defaults to `recipe.seed`.
-        autoencoder: With `pretrain.autoencoder.joint`: the `Autoencoder` whose decoder trains alongside.
-        unlabeled: Its images (`(path, 0)` items), joined to the labelled training images in `joint` mode.
-    """
-    from tltoolkit.data.pipeline import image_dataset
-    from tltoolkit.model import build_classifier
-
-    seed = recipe.seed if seed is None else seed
-    labels = [label for _, label in folder.parts["train"]]
-    model = build_classifier(backbone, folder.class_names, recipe.head)
-    joint = None
-    if autoencoder is not None and recipe.pretrain is not None and recipe.pretrain.autoencoder.joint:
-        labelled = set(path for path, _ in folder.parts["train"])
-        extra = [(path, -1) for path, _ in unlabeled or [] if path not in labelled]  # -1: an all-zero one-hot label.
-        reconstruction = autoencoder.decoder(model.get_layer("backbone").output)
-        joint = Joint(
-            model=keras.Model(model.inputs, [model.output, reconstruction], name=f"{model.name}_joint"),
-            train=TrainingBatches(folder.parts["train"] + extra, folder.num_classes, recipe.data, seed=seed),
-            config=recipe.pretrain.autoencoder,
-            total_epochs=sum(stage.epochs for stage in recipe.stages),
-            weight=keras.Variable(recipe.pretrain.autoencoder.joint_weight, trainable=False, name="reconstruction_weight"),
-        )
-    return Training(
-        model=model,
-        train=TrainingBatches(folder.parts["train"], folder.num_classes, recipe.data, seed=seed),
-        eval={
-            part: image_dataset(items, folder.num_classes, recipe.data, training=False)
-            for part, items in folder.parts.items()
-            if part != "train"
-        },
-        class_weight=class_weights(recipe.head, labels, folder.class_names),
-        features=FeatureSource(folder.parts, folder.num_classes, recipe.data, seed, recipe.backbone.weights),
-        joint=joint,
+def _joint(training: Training, run: StageRun) -> _Fit:
+    joint, first_last = training.joint, run.epochs()
+    steps = joint.train.steps_per_epoch
+    joint.model.compile(
+        optimizer=build_optimizer(run.stage.optimizer, run.stage.schedule, steps, run.stage.epochs),
+        loss=joint.losses(training.recipe.head.label_smoothing),
+        metrics=[[_LabelledAccuracy(name="accuracy")], []],
     )
+    outputs = [tensor._keras_history.operation.name.split("/")[0] for tensor in joint.model.outputs]
+    val = training.eval["val"]
+    note = f", with reconstruction (weight {joint.weight_at(run.epoch_offset):g} decaying {joint.config.joint_decay})"
+    return _Fit(joint.model, joint.with_targets(joint.train.epochs(run.stream, *first_last)), joint.with_targets(val),
+                steps, training.model, val, None,  # Keras weighs classes of one output only.
+                [_JointEpochs(joint, run.epoch_offset, outputs)], note)  # fmt: skip
 
 
-def class_weights(head: HeadConfig, labels: list[int], class_names: list[str]) -> dict[int, float] | None:
-    """`head.class_weight` as Keras's `{label: weight}`: `auto` is scikit-learn's `balanced`."""
-    if head.class_weight == "none":
+def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit) -> ClassifierOutcome:
+    """Restores a resumed optimizer, fits with the stage's callbacks, and collects the outcome."""
+    first, last = run.epochs()
+    if run.resume is not None:
+        fit.model.optimizer.build(fit.model.trainable_variables)
+        restore_variables(fit.model.optimizer.variables, run.resume.optimizer, "optimizer", run.resume.path)
+    rows: list[dict] = [dict(row) for row in run.resume.rows] if run.resume else []
+    stopper = _early_stopping(run)
+    callbacks = [*fit.leading, EpochRows(rows), *([stopper] if stopper else [])]
+    if run.checkpoints is not None:
+        callbacks.append(CheckpointCallback(run.checkpoints, training.checkpoint_model, run.state, rows, stopper))
+    _describe(training, run, summary, fit.note)
+    fit.model.fit(
+        fit.train, validation_data=fit.val, epochs=last, initial_epoch=first, steps_per_epoch=fit.steps,
+        class_weight=fit.class_weight, callbacks=[*callbacks, *run.callbacks], shuffle=False,  # The stream's order.
+        verbose=fit_verbosity(run.verbose),
+    )  # fmt: skip
+    best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
+    history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
+    return ClassifierOutcome(history, summary, best, bool(stopper and stopper.stopped_epoch), fit.cached_above,
+                             fit.eval_model, fit.eval_data)  # fmt: skip
+
+
+def _early_stopping(run: StageRun) -> ResumableEarlyStopping | None:
+    es = run.stage.early_stopping
+    if es is None:
         return None
-    if head.class_weight == "auto":
-        classes = np.arange(len(class_names))
-        weights = compute_class_weight("balanced", classes=classes, y=np.asarray(labels))
-        return {int(c): float(w) for c, w in zip(classes, weights)}
-    unknown = sorted(set(head.class_weight) - set(class_names))
-    if unknown:
-        raise DataError(f"head.class_weight names classes {unknown} that the data lacks; its classes are {class_names}.")
-    return {index: float(head.class_weight.get(name, 1.0)) for index, name in enumerate(class_names)}
+    return ResumableEarlyStopping(monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
+                                  restore_best_weights=es.restore_best_weights, verbose=1, resume=run.resume)  # fmt: skip
+
+
+def _describe(training: Training, run: StageRun, summary: TrainableSummary, note: str) -> None:
+    stage = run.stage
+    _logger.info(
+        "Stage %r: %d epoch(s), %d backbone layer(s) training (first %d of %d frozen), %s trainable parameters, "
+        "%s lr=%g%s%s", stage.name, stage.epochs, summary.trainable_layers, summary.frozen_layers,
+        len(training.backbone.layers), f"{summary.trainable_params:,}", stage.optimizer.name,
+        stage.optimizer.learning_rate, note, f"; resuming at epoch {run.resume.first_epoch + 1}." if run.resume else ".",
+    )  # fmt: skip
 
 
 def compile_for_stage(
@@ -213,149 +172,32 @@ def compile_for_stage(
     )
 
 
-class EpochRows(keras.callbacks.Callback):
-    """Every epoch's logs as `fit` reports them, continuing the rows of a resumed stage."""
+class _LabelledAccuracy(keras.metrics.CategoricalAccuracy):
+    """Accuracy over the labelled rows of a joint batch (unlabelled rows have all-zero labels)."""
 
-    def __init__(self, rows: list[dict]):
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labelled = keras.ops.cast(keras.ops.sum(y_true, axis=-1) > 0, "float32")
+        return super().update_state(y_true, y_pred, sample_weight=labelled)
+
+
+class _JointEpochs(keras.callbacks.Callback):
+    """Sets the reconstruction weight each epoch and gives the joint model's logs the usual names."""
+
+    def __init__(self, joint, offset: int, outputs: list[str]):
         super().__init__()
-        self.rows = rows
+        self.joint, self.offset = joint, offset
+        self.classes, self.reconstruction = outputs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.joint.weight.assign(self.joint.weight_at(self.offset + epoch))
 
     def on_epoch_end(self, epoch, logs=None):
-        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
-
-
-class _EarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras's early stopping, able to pick up the bookkeeping of a resumed stage."""
-
-    def __init__(self, *args, resume: StageResume | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.resume = resume
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.resume is not None and self.resume.stopper is not None:
-            for key, value in self.resume.stopper.items():
-                setattr(self, key, value)
-            self.best_weights = self.resume.best_weights
-
-
-def fit_stage(
-    model: keras.Model,
-    backbone: keras.Model,
-    recipe: Recipe,
-    stage: StageConfig,
-    train: TrainingBatches,
-    val_ds,
-    class_weight: dict[int, float] | None = None,
-    callbacks: list[keras.callbacks.Callback] = (),
-    verbose: int | None = None,
-    features: FeatureSource | None = None,
-    stream: int = 0,
-    resume: StageResume | None = None,
-    checkpoints: CheckpointStore | None = None,
-    checkpoint_state: dict | None = None,
-    joint: Joint | None = None,
-    epoch_offset: int = 0,
-) -> StageOutcome:
-    """Trains one stage.
-
-    Args:
-        model: The classifier from `build_classifier`.
-        backbone: Its backbone (its layers are frozen or unfrozen per `stage.unfreeze` and `recipe.backbone.freeze`).
-        recipe: For the freeze policy and the loss.
-        stage: What trains, optimizer, schedule, epochs, early stopping.
-        train: The training set (`TrainingBatches`).
-        val_ds: Validation batches.
-        class_weight: From `class_weights`.
-        callbacks: More callbacks, e.g. `MlflowMetrics`; they run after the checkpoint is written.
-        verbose: Keras verbosity. Defaults to a progress bar on a terminal, one line per epoch otherwise.
-        features: Where the frozen prefix's outputs can be cached (see `FeatureSource`). When it serves this stage,
-            the layers above the cut train on cached features: the same batches, updates and weights as training
-            through the frozen layers, without running them every epoch.
-        stream: Which of `train`'s epoch streams (the stage's index), so stages draw different orders.
-        resume: Continue a stage a checkpoint stopped in: from its next epoch, with its optimizer's state and early
-            stopping's bookkeeping (the model's variables are the caller's to restore, before this call).
-        checkpoints: Write a checkpoint after every epoch, before `callbacks` see it.
-        checkpoint_state: What the caller wants in every checkpoint's state (run ids, finished stages...).
-        joint: Train classification and reconstruction together (see `Joint`); the feature cache is then off.
-        epoch_offset: Epochs of the stages before this one (the joint reconstruction weight decays over all).
-    """
-    frozen = unfrozen_prefix(backbone, stage.unfreeze, recipe.backbone.freeze)
-    summary = set_trainable(model, backbone, frozen, stage.train_bn)
-    first = resume.first_epoch if resume else 0
-    last = first if resume and resume.stopped else stage.epochs  # Stopped early: nothing left but the restore.
-    cached = (
-        features.inputs(model, backbone, frozen, verbose != 0, stream, first, last)
-        if features is not None and joint is None
-        else None
-    )
-    fit_model = cached.model if cached else model
-    eval_data = val_ds
-    train_ds, val_ds = (cached.train, cached.val) if cached else (train.epochs(stream, first, last), val_ds)
-    steps = train.steps_per_epoch
-    leading: list[keras.callbacks.Callback] = []
-    if joint is not None:
-        fit_model, steps = joint.model, joint.train.steps_per_epoch
-        train_ds, val_ds = _with_targets(joint.train.epochs(stream, first, last)), _with_targets(val_ds)
-        fit_model.compile(
-            optimizer=build_optimizer(stage.optimizer, stage.schedule, steps, stage.epochs),
-            loss=[_masked_crossentropy(recipe.head.label_smoothing), _weighted_reconstruction(joint.config.loss, joint.weight)],
-            metrics=[[_LabelledAccuracy(name="accuracy")], []],
-        )
-        leading.append(_JointEpochs(joint, epoch_offset, [o.name.split("/")[0] for o in _output_layers(fit_model)]))
-    else:
-        # On cached features a step is tiny, so a whole epoch runs per compiled call.
-        compile_for_stage(fit_model, recipe, stage, steps, steps_per_execution=steps if cached else 1)
-    if resume is not None:
-        fit_model.optimizer.build(fit_model.trainable_variables)
-        restore_variables(fit_model.optimizer.variables, resume.optimizer, "optimizer", resume.path)
-    rows: list[dict] = [dict(row) for row in resume.rows] if resume else []
-    stage_callbacks: list[keras.callbacks.Callback] = [*leading, EpochRows(rows)]
-    stopper = None
-    if stage.early_stopping is not None:
-        es = stage.early_stopping
-        stopper = _EarlyStopping(
-            monitor=es.monitor,
-            patience=es.patience,
-            min_delta=es.min_delta,
-            restore_best_weights=es.restore_best_weights,
-            verbose=1,
-            resume=resume,
-        )
-        stage_callbacks.append(stopper)
-    if checkpoints is not None:
-        saved = joint.model if joint is not None else model
-        stage_callbacks.append(CheckpointCallback(checkpoints, saved, checkpoint_state or {}, rows, stopper))
-    stage_callbacks.extend(callbacks)
-    print(
-        f"Stage {stage.name!r}: {stage.epochs} epoch(s), {summary.trainable_layers} backbone layer(s) training "
-        f"(first {summary.frozen_layers} of {len(backbone.layers)} frozen), "
-        f"{summary.trainable_params:,} trainable parameters, {stage.optimizer.name} lr={stage.optimizer.learning_rate:g}"
-        + (f", on cached features below `{cached.cut}`" if cached else "")
-        + (f", with reconstruction (weight {joint.weight_at(epoch_offset):g} decaying {joint.config.joint_decay})"
-           if joint is not None else "")
-        + (f"; resuming at epoch {first + 1}." if resume else ".")
-    )
-    fit_model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=last,
-        initial_epoch=first,
-        steps_per_epoch=steps,
-        class_weight=None if joint is not None else class_weight,  # Keras weighs classes of one output only.
-        callbacks=stage_callbacks,
-        shuffle=False,  # Each epoch's order is the stream's own.
-        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
-    )
-    history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
-    best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
-    eval_model, eval_data = (model, eval_data) if joint is not None else (fit_model, val_ds)
-    return StageOutcome(
-        stage.name, history, summary, best, bool(stopper and stopper.stopped_epoch),
-        cached.cut if cached else None, eval_model, eval_data,
-    )  # fmt: skip
-
-
-def _output_layers(model: keras.Model) -> list:
-    """The layers that make a functional model's outputs, in output order."""
-    return [tensor._keras_history.operation for tensor in model.outputs]
+        if logs is None:
+            return
+        renames = {f"{self.classes}_accuracy": "accuracy", f"{self.classes}_loss": "classification_loss",
+                   f"{self.reconstruction}_loss": "reconstruction_loss"}  # fmt: skip
+        for prefix in ("", "val_"):
+            for old, new in renames.items():
+                if f"{prefix}{old}" in logs:
+                    logs[f"{prefix}{new}"] = logs.pop(f"{prefix}{old}")
+        logs["reconstruction_weight"] = float(self.joint.weight.numpy())

@@ -8,8 +8,11 @@ hosts are left alone: from here their liveness cannot be known.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+
+_logger = logging.getLogger(__name__)
 
 PROCESS_TAG = "tltoolkit.process"
 
@@ -69,5 +72,5 @@ def mark_dead_runs_killed(client, keep: set[str] = frozenset()) -> list[str]:
         client.set_terminated(run.info.run_id, "KILLED")
         killed.append(run.info.run_id)
     if killed:
-        print(f"Marked {len(killed)} run(s) KILLED whose process had died: {', '.join(r[:8] for r in killed)}.")
+        _logger.info("Marked %d run(s) KILLED whose process had died: %s.", len(killed), ", ".join(r[:8] for r in killed))
     return killed

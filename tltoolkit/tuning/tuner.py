@@ -3,11 +3,15 @@
 keras-tuner owns the search: the oracle proposes values, records results, saves its state after every trial
 (`<directory>/<name>/oracle.json`, `trial_*/trial.json`) and, on reload, sends the trial that was running when the
 process died back for one more run. A trial here is not one `model.fit`: `TrialRunner` resolves the trial's
-recipe and runs all its stages (head, then fine-tune) through the same machinery as `tltoolkit run`.
+recipe and runs it in a `TrainingSession`, exactly as `tltoolkit run` does. Tracking plugs in through keras-tuner's
+own trial hooks (`on_trial_begin`, `on_trial_end`), and our errors map onto keras-tuner's: a trial whose values do
+not make a valid recipe raises `FailedTrialError` (the trial is skipped), a tracking store that stopped answering
+raises `FatalError` (the search stops).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,10 +20,16 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
+from tltoolkit.data import prepare_data
+from tltoolkit.errors import BackboneError, DataError, RecipeError, TrackingError
 from tltoolkit.recipe import Recipe
 from tltoolkit.recipe.space import trial_recipe
+from tltoolkit.stages import SessionOptions, TrainingHooks, TrainingSession, backbone_for
 from tltoolkit.tuning.space import TUNER_PREFIX, declare, recipe_values
+
+_logger = logging.getLogger(__name__)
 
 class _RecipeFirst:
     """Makes an oracle's first trial the recipe as written (every hyperparameter at its default, the recipe's value),
@@ -94,14 +104,48 @@ def resolve_trial(recipe: Recipe, values: dict[str, Any]) -> Recipe:
 
 
 class RecipeTuner(kt.engine.base_tuner.BaseTuner):
-    """A keras-tuner tuner whose `run_trial` hands the trial to `runner` and returns its objective."""
+    """A keras-tuner tuner whose trials run recipes through `runner`, tracked by `tracker` (a `TrialTracker`).
 
-    def __init__(self, recipe: Recipe, runner: Callable[[kt.engine.trial.Trial], dict[str, float]], **kwargs):
+    Args:
+        recipe: The search's recipe.
+        runner: Runs a trial's recipe (`TrialRunner`).
+        tracker: Makes, fills and ends each trial's run; `None` tracks nothing.
+        **kwargs: keras-tuner's (`directory`, `project_name`, `overwrite`...).
+    """
+
+    def __init__(self, recipe: Recipe, runner: TrialRunner, tracker=None, **kwargs):
         super().__init__(build_oracle(recipe), hypermodel=RecipeHyperModel(recipe), **kwargs)
-        self.runner = runner
+        self.recipe, self.runner, self.tracker = recipe, runner, tracker
+
+    def on_trial_begin(self, trial) -> None:
+        if self.tracker is None:
+            return
+        try:
+            resolved = resolve_trial(self.recipe, trial.hyperparameters.values)
+        except RecipeError:
+            resolved = None  # `run_trial` fails it with the reason.
+        self.tracker.begin(trial, resolved)
 
     def run_trial(self, trial, *args, **kwargs) -> dict[str, float]:
-        return self.runner(trial)
+        search = self.recipe.search
+        try:
+            resolved = resolve_trial(self.recipe, trial.hyperparameters.values)
+            hooks = self.tracker.hooks if self.tracker is not None else lambda execution: TrainingHooks()
+            result = self.runner.run(resolved, search.executions_per_trial, search.objective, hooks)
+            if self.tracker is not None:
+                self.tracker.record(trial.trial_id, result, self.runner.folder(resolved).class_names)
+        except (RecipeError, BackboneError, DataError) as exc:
+            _logger.warning("Trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
+            raise kt.errors.FailedTrialError(f"{type(exc).__name__}: {exc}") from exc
+        except (TrackingError, MlflowException) as exc:
+            raise kt.errors.FatalError(f"The tracking store stopped answering ({type(exc).__name__}: {exc}).") from exc
+        _logger.info("Trial %s: %s %.4f in %.1fs", trial.trial_id, search.objective, result.objective, result.wall_s)
+        return {search.objective: result.objective}
+
+    def on_trial_end(self, trial) -> None:
+        if self.tracker is not None:
+            self.tracker.end("FINISHED" if trial.status == kt.engine.trial.TrialStatus.COMPLETED else "FAILED")
+        super().on_trial_end(trial)
 
 
 @dataclass
@@ -129,75 +173,47 @@ class TrialRunner:
     backbones: dict[tuple, tuple[keras.Model, list[np.ndarray]]] = field(default_factory=dict)
 
     def folder(self, recipe: Recipe):
-        from tltoolkit.data import prepare_data
-
         key = (recipe.data.val_split, recipe.seed)
         if key not in self.folders:
-            self.folders[key] = prepare_data(self.data_dir, recipe.data.val_split, recipe.seed)
-            print(self.folders[key].summary())
+            self.folders[key] = prepare_data(self.data_dir, recipe.data.val_split, recipe.seed, self.verbose != 0)
+            _logger.info(self.folders[key].summary())
         return self.folders[key]
 
     def backbone(self, recipe: Recipe) -> keras.Model:
-        from tltoolkit.backbones import create_backbone
-
+        """The recipe's backbone with its pretrained weights; an autoencoder recipe's encoder is new every time
+        (its settings may be what the search varies)."""
+        if recipe.pretrain is not None:
+            return backbone_for(recipe)
         key = (recipe.backbone.name, recipe.backbone.weights, recipe.data.image_size)
         if key not in self.backbones:
-            built = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
+            built = backbone_for(recipe)
             self.backbones[key] = (built, built.get_weights())
         backbone, pretrained = self.backbones[key]
         backbone.set_weights(pretrained)  # A previous trial may have fine-tuned it.
         return backbone
 
-    def _pretrain(self, recipe: Recipe, folder, seed: int, callbacks: list):
-        """A trial's encoder: built from its `pretrain.autoencoder`, pretrained (unless `joint`) as `run` does."""
-        from tltoolkit.backbones.encoder import architecture_of, build_encoder
-        from tltoolkit.stages.pretrain import fit_autoencoder, prepare_pretraining
-
-        config = recipe.pretrain.autoencoder
-        encoder = build_encoder(architecture_of(config), recipe.data.image_size)
-        pretraining = prepare_pretraining(recipe, encoder, folder.parts["train"], self.unlabeled, seed, progress=False)
-        if not config.joint:
-            fit_autoencoder(pretraining.autoencoder, config, recipe.data, pretraining.train, pretraining.val, seed,
-                            callbacks, self.verbose)  # fmt: skip
-        return encoder, pretraining.autoencoder, pretraining.train
-
-    def run(self, recipe: Recipe, executions: int, objective: str, callbacks_for: Callable[[str], list]) -> TrialResult:
-        """Trains `recipe`'s stages `executions` times (seeds seed, seed+1, ...); the objective is their mean.
+    def run(self, recipe: Recipe, executions: int, objective: str,
+            hooks_for: Callable[[int], TrainingHooks] = lambda execution: TrainingHooks()) -> TrialResult:  # fmt: skip
+        """Trains `recipe` `executions` times (seeds seed, seed+1, ...); the objective is their mean.
 
         Args:
-            callbacks_for: Given a metric prefix (`"head/"`, or `"e1/head/"` for later executions), the Keras
-                callbacks that log that stage's epochs.
+            hooks_for: Given the execution's number, the hooks its session calls (e.g. `TrialHooks`).
         """
-        from tltoolkit.model import check_points
-        from tltoolkit.model.metrics import evaluate_items
-        from tltoolkit.stages import fit_stage, prepare_training
-
         started = time.perf_counter()
         folder = self.folder(recipe)
         histories, finals, evaluation = [], [], None
         stage_scores: dict[str, list[float]] = {}
         for execution in range(executions):
-            seed = recipe.seed + execution
-            keras.utils.set_random_seed(seed)
-            autoencoder, ae_images = None, None
-            if recipe.pretrain is None:
-                backbone = self.backbone(recipe)
-            else:  # Every trial trains its own autoencoder: its settings may be what the search varies.
-                backbone, autoencoder, ae_images = self._pretrain(recipe, folder, seed, callbacks_for(
-                    (f"e{execution}/" if execution else "") + "pretrain/"))  # fmt: skip
-            check_points(backbone, recipe.backbone.freeze, recipe.stages)
-            training = prepare_training(recipe, folder, backbone, seed, autoencoder, ae_images)
-            for index, stage in enumerate(recipe.stages):
-                prefix = (f"e{execution}/" if execution else "") + f"{stage.name}/"
-                outcome = fit_stage(
-                    training.model, backbone, recipe, stage, training.train, training.eval["val"],
-                    training.class_weight, callbacks_for(prefix), self.verbose, training.features, stream=index,
-                    joint=training.joint, epoch_offset=sum(s.epochs for s in recipe.stages[:index]),
-                )  # fmt: skip
-                histories.append(outcome.history.assign(stage=stage.name, execution=execution))
-                evaluation = evaluate_items(folder.parts["val"], outcome.predict_val(), folder.class_names)
-                stage_scores.setdefault(f"{stage.name}_val_accuracy", []).append(evaluation.metrics["accuracy"])
+            options = SessionOptions(seed=recipe.seed + execution, verbose=self.verbose, unlabeled=self.unlabeled,
+                                     progress=False, final_parts=("val",))  # fmt: skip
+            session = TrainingSession(recipe, options, backbones=self.backbone)
+            session.check_points()
+            result = session.load_data(folder).run(hooks_for(execution))
+            histories.append(result.history.assign(execution=execution))
+            evaluation = result.evaluations["val"]
             finals.append({f"val_{k}": v for k, v in evaluation.metrics.items()})
+            for name, scores in result.stage_evaluations.items():
+                stage_scores.setdefault(f"{name}_val_accuracy", []).append(scores.metrics["accuracy"])
         metrics = pd.DataFrame(finals).mean().to_dict()
         metrics.update({key: float(np.mean(v)) for key, v in stage_scores.items()})
         if executions > 1:

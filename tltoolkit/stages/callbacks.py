@@ -1,0 +1,94 @@
+"""What every kind of stage fits with: how it runs (`StageRun`), the epoch rows it returns, resumable early
+stopping, and the bridge from Keras's epoch end to the session's hooks."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import keras
+
+from tltoolkit.recipe import StageConfig
+from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, TrainingState
+from tltoolkit.stages.hooks import TrainingHooks
+from tltoolkit.stages.optimizers import current_learning_rate
+
+
+@dataclass
+class StageRun:
+    """How one stage runs, besides what it trains: where its epochs come from, resuming, checkpoints, callbacks.
+
+    Args:
+        stage: The recipe's stage: what trains, optimizer, schedule, epochs, early stopping.
+        stream: Which of the training batches' epoch streams (the stage's index), so stages draw different orders.
+        epoch_offset: Epochs of the stages before this one (the joint reconstruction weight decays over all).
+        resume: Continue a stage a checkpoint stopped in: from its next epoch, with its optimizer's state and early
+            stopping's bookkeeping (the model's variables are the caller's to restore, before this call).
+        checkpoints: Write a checkpoint after every epoch, before `callbacks` see it.
+        state: The training's state at this stage's start, written into every checkpoint.
+        callbacks: More callbacks (the session's hooks); they run after the checkpoint is written.
+        verbose: Keras verbosity. Defaults to a progress bar on a terminal, one line per epoch otherwise.
+    """
+
+    stage: StageConfig | None  # None for pretraining (its epochs are the autoencoder's).
+    stream: int = 0
+    epoch_offset: int = 0
+    resume: StageResume | None = None
+    checkpoints: CheckpointStore | None = None
+    state: TrainingState | None = None
+    callbacks: list = field(default_factory=list)
+    verbose: int | None = None
+
+    def epochs(self, total: int | None = None) -> tuple[int, int]:
+        """`(first, last)`: the epochs `fit` runs, of `total` (default: the stage's); a stage early stopping had
+        ended runs none, only the restore."""
+        first = self.resume.first_epoch if self.resume else 0
+        return first, first if self.resume and self.resume.stopped else (total or self.stage.epochs)
+
+
+def fit_verbosity(verbose: int | None) -> int:
+    """Keras's `verbose`: as given, else a progress bar on a terminal and one line per epoch elsewhere."""
+    return (1 if sys.stdout.isatty() else 2) if verbose is None else verbose
+
+
+class EpochRows(keras.callbacks.Callback):
+    """Every epoch's logs as `fit` reports them, continuing the rows of a resumed stage."""
+
+    def __init__(self, rows: list[dict]):
+        super().__init__()
+        self.rows = rows
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping, able to pick up the bookkeeping of a resumed stage."""
+
+    def __init__(self, *args, resume: StageResume | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume = resume
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.resume is not None and self.resume.stopper is not None:
+            stopper = self.resume.stopper
+            self.wait, self.best, self.best_epoch = stopper.wait, stopper.best, stopper.best_epoch
+            self.stopped_epoch = stopper.stopped_epoch
+            self.best_weights = self.resume.best_weights
+
+
+class HookEpochs(keras.callbacks.Callback):
+    """Hands every finished epoch's logs (plus the optimizer's current `learning_rate`) to `hooks.on_epoch_end`.
+
+    It runs after the checkpoint callback, so whatever the hooks record happens only once the epoch is saved.
+    """
+
+    def __init__(self, hooks: TrainingHooks, stage):
+        super().__init__()
+        self.hooks, self.stage = hooks, stage
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"}
+        values["learning_rate"] = current_learning_rate(self.model.optimizer)
+        self.hooks.on_epoch_end(self.stage, epoch, values)

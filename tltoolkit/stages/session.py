@@ -1,0 +1,252 @@
+"""One training session: a recipe on one image folder, from the backbone to the trained, scored classifier.
+
+`TrainingSession` owns everything one training needs: the recipe, the data, the backbone, the classifier, its
+batches and feature cache, the autoencoder of a pretraining recipe, and the distribution scope that wraps model and
+optimizer creation. It runs the recipe's stage plan (pretraining first when the recipe has it, then the classifier
+stages) in one loop, checkpointing after every epoch and stage, and calls `TrainingHooks` around it. `tltoolkit run`
+and every search trial use it; nothing else loops over stages.
+
+Example:
+    >>> from tltoolkit.recipe import Recipe
+    >>> recipe = Recipe.model_validate({"backbone": {"name": "test_tiny", "weights": "none"}, "stages": [
+    ...     {"name": "head", "epochs": 2}, {"name": "finetune", "unfreeze": "all", "epochs": 1}]})
+    >>> [(stage.name, stage.kind, stage.epoch_offset) for stage in plan_stages(recipe)]
+    [('head', 'classifier', 0), ('finetune', 'classifier', 2)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import keras
+import pandas as pd
+
+from tltoolkit.backbones import create_backbone
+from tltoolkit.backbones.encoder import architecture_of, build_encoder
+from tltoolkit.data import ImageFolder
+from tltoolkit.model import check_points
+from tltoolkit.model.metrics import Evaluation, evaluate_items
+from tltoolkit.recipe import Recipe, StageConfig
+from tltoolkit.stages.callbacks import HookEpochs, StageRun
+from tltoolkit.stages.checkpoint import Checkpoint, CheckpointStore, StageResume, TrainingState, restore_variables
+from tltoolkit.stages.checkpoint import variable_values
+from tltoolkit.stages.hooks import TrainingHooks
+from tltoolkit.stages.pretrain import PRETRAIN_STREAM, Pretraining, fit_autoencoder, prepare_pretraining
+from tltoolkit.stages.runner import ClassifierOutcome, fit_stage
+from tltoolkit.stages.training import Training, prepare_training
+
+PRETRAIN, CLASSIFIER = "pretrain", "classifier"
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One entry of a session's stage plan."""
+
+    index: int  # Position in the plan: what checkpoints and tracking call the stage.
+    name: str  # "pretrain", or the recipe stage's name.
+    kind: str  # PRETRAIN (the autoencoder) or CLASSIFIER (a recipe stage).
+    stream: int  # The epoch stream its batches come from (a recipe stage's index; PRETRAIN_STREAM).
+    epoch_offset: int = 0  # Classifier epochs in the stages before it.
+    config: StageConfig | None = None  # The recipe's stage (classifier stages).
+
+
+def plan_stages(recipe: Recipe) -> list[PlannedStage]:
+    """The stages a session runs: autoencoder pretraining (unless `joint`), then the recipe's stages in order."""
+    plan = []
+    if recipe.pretrain is not None and not recipe.pretrain.autoencoder.joint:
+        plan.append(PlannedStage(0, "pretrain", PRETRAIN, PRETRAIN_STREAM))
+    offset = 0
+    for number, stage in enumerate(recipe.stages):
+        plan.append(PlannedStage(len(plan), stage.name, CLASSIFIER, number, offset, stage))
+        offset += stage.epochs
+    return plan
+
+
+@dataclass
+class StageOutcome:
+    """What a finished stage gives its hooks."""
+
+    stage: PlannedStage
+    history: pd.DataFrame  # One row per epoch: epoch, loss, val_loss, learning_rate, accuracy...
+    wall_s: float  # Fitting time (not scoring).
+    fit: ClassifierOutcome | None = None  # Classifier stages: what trained, early stopping, the feature cache.
+    evaluation: Evaluation | None = None  # Classifier stages: the trained model's scores on the validation part.
+
+
+@dataclass
+class SessionResult:
+    """A finished session: every classifier epoch, and the final model's scores."""
+
+    history: pd.DataFrame  # Every epoch of every classifier stage (column `stage`).
+    evaluations: dict[str, Evaluation]  # Part ("val", "test") -> the final model's scores.
+    stage_runs: dict[str, str]  # Stage name -> the id its hooks kept (an MLflow run id).
+    state: TrainingState
+    stage_evaluations: dict[str, Evaluation] = field(default_factory=dict)  # Classifier stages run in this process.
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """`<part>_<metric>`, e.g. `val_accuracy`, `test_loss`."""
+        return {f"{part}_{k}": v for part, evaluation in self.evaluations.items() for k, v in evaluation.metrics.items()}
+
+
+@dataclass
+class SessionOptions:
+    """How a session runs, besides the recipe.
+
+    Args:
+        seed: Initialisation, shuffling and augmentation seed. Defaults to the recipe's `seed`.
+        verbose: Keras fit verbosity (None: a progress bar on a terminal, a line per epoch elsewhere).
+        unlabeled: Unlabelled images for a recipe's `pretrain.autoencoder`. Defaults to its `data.unlabeled`.
+        progress: Show the unlabelled folder's scan progress.
+        final_parts: The parts the final model is scored on. Defaults to every part but `train`.
+        distribution: A `tf.distribute.Strategy`: models and optimizers are created in its scope.
+    """
+
+    seed: int | None = None
+    verbose: int | None = None
+    unlabeled: str | Path | None = None
+    progress: bool = True
+    final_parts: tuple[str, ...] | None = None
+    distribution: object = None
+
+
+def backbone_for(recipe: Recipe) -> keras.Model:
+    """The recipe's backbone: its registered `backbone`, or the encoder of its `pretrain.autoencoder`."""
+    if recipe.pretrain is not None:
+        return build_encoder(architecture_of(recipe.pretrain.autoencoder), recipe.data.image_size)
+    return create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
+
+
+class TrainingSession:
+    """One training of `recipe`: build with the backbone, `load_data`, then `run`.
+
+    Args:
+        recipe: A validated `Recipe`.
+        options: See `SessionOptions`.
+        backbones: Builds the recipe's backbone (a search passes one that reuses backbones across trials).
+    """
+
+    def __init__(self, recipe: Recipe, options: SessionOptions | None = None,
+                 backbones: Callable[[Recipe], keras.Model] = backbone_for):  # fmt: skip
+        self.recipe, self.options = recipe, options or SessionOptions()
+        self.seed = recipe.seed if self.options.seed is None else self.options.seed
+        self.plan = plan_stages(recipe)
+        self.folder: ImageFolder | None = None
+        self.pretraining: Pretraining | None = None
+        self.training: Training | None = None
+        self._stage_evals: dict[str, Evaluation] = {}
+        keras.utils.set_random_seed(self.seed)
+        with self.scope():
+            self.backbone = backbones(recipe)
+
+    def scope(self):
+        """The distribution strategy's scope, or a no-op: models and optimizers are created inside it."""
+        strategy = self.options.distribution
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    def check_points(self, where: Callable[[str], str] | None = None) -> None:
+        """Every freeze and unfreeze point exists in the backbone (before any image is read); `where` locates a
+        field in the user's file for the message."""
+        check_points(self.backbone, self.recipe.backbone.freeze, self.recipe.stages, *([where] if where else []))
+
+    def load_data(self, folder: ImageFolder) -> TrainingSession:
+        """Builds the classifier (and autoencoder) and the pipelines on `folder`, from `prepare_data`."""
+        self.folder, unlabeled = folder, self.options.unlabeled or self.recipe.data.unlabeled
+        with self.scope():
+            if self.recipe.pretrain is not None:
+                self.pretraining = prepare_pretraining(self.recipe, self.backbone, folder.parts["train"], unlabeled,
+                                                       self.seed, self.options.progress)  # fmt: skip
+            self.training = prepare_training(self.recipe, folder, self.backbone, self.seed, self.pretraining)
+        return self
+
+    def run(self, hooks: TrainingHooks | None = None, checkpoints: CheckpointStore | None = None,
+            state: TrainingState | None = None, resume: Checkpoint | None = None) -> SessionResult:  # fmt: skip
+        """Runs the stage plan, or what is left of it after `resume`, and scores the final model.
+
+        Args:
+            hooks: Told of every stage, epoch and the end (tracking). Defaults to none.
+            checkpoints: Where a checkpoint goes after every epoch and stage. Defaults to none.
+            state: The state to start from (its `key` and `data` identify the command). Defaults to an empty one.
+            resume: A checkpoint to continue from: its variables are restored and the plan continues at its stage.
+        """
+        hooks = hooks or TrainingHooks()
+        state = resume.state if resume is not None else state or TrainingState(key="", data="")
+        try:
+            if resume is not None:
+                self._restore(resume)
+            for stage in self.plan[state.stage :]:
+                state = self._run_stage(stage, state, hooks, checkpoints, self._stage_resume(stage, resume))
+            result = self._finish(state)
+            hooks.on_session_end(self, result)
+        except BaseException as error:
+            hooks.on_session_failed(self, error)
+            raise
+        return result
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """The checkpoint's variables: the autoencoder's mid-pretraining, else the classifier's."""
+        state = checkpoint.state
+        stage = self.plan[state.stage] if state.stage < len(self.plan) else None
+        in_pretrain = stage is not None and stage.kind == PRETRAIN and state.epoch >= 0
+        target = self.pretraining.autoencoder.trainer if in_pretrain else self.training.checkpoint_model
+        restore_variables(target.variables, checkpoint.arrays["model"], "model", checkpoint.path)
+
+    def _stage_resume(self, stage: PlannedStage, resume: Checkpoint | None) -> StageResume | None:
+        if resume is None or stage.index != resume.state.stage or resume.state.epoch < 0:
+            return None
+        saved = resume.state
+        return StageResume(saved.epoch + 1, saved.rows, resume.arrays.get("optimizer", []), saved.stopper,
+                           resume.arrays.get("best"), saved.stopped, resume.path)  # fmt: skip
+
+    def _run_stage(self, stage: PlannedStage, state: TrainingState, hooks: TrainingHooks,
+                   checkpoints: CheckpointStore | None, resume: StageResume | None) -> TrainingState:  # fmt: skip
+        """One stage between its hooks; returns the state after it (checkpointed)."""
+        run_id = hooks.on_stage_begin(self, stage, state.stage_runs.get(str(stage.index)), resume)
+        if run_id is not None:
+            state = replace(state, stage_runs={**state.stage_runs, str(stage.index): run_id})
+        run = StageRun(stage.config, stage.stream, stage.epoch_offset, resume, checkpoints,
+                       replace(state, stage=stage.index), [HookEpochs(hooks, stage)], self.options.verbose)  # fmt: skip
+        with self.scope():
+            outcome = self._fit_pretrain(stage, run) if stage.kind == PRETRAIN else self._fit_classifier(stage, run)
+        hooks.on_stage_end(self, stage, outcome)
+        state = state.at_stage(stage.index + 1, histories=[*state.histories, outcome.history.to_dict("records")])
+        if checkpoints is not None:
+            checkpoints.save(state, {"model": variable_values(self.training.checkpoint_model.variables)})
+        return state
+
+    def _fit_pretrain(self, stage: PlannedStage, run: StageRun) -> StageOutcome:
+        started = time.perf_counter()
+        history = fit_autoencoder(self.pretraining, self.recipe.pretrain.autoencoder, self.recipe.data, self.seed, run)
+        return StageOutcome(stage, history, time.perf_counter() - started)
+
+    def _fit_classifier(self, stage: PlannedStage, run: StageRun) -> StageOutcome:
+        started = time.perf_counter()
+        fit = fit_stage(self.training, run)
+        wall = time.perf_counter() - started
+        evaluation = evaluate_items(self.folder.parts["val"], fit.predict_val(), self.folder.class_names)
+        self._stage_evals[stage.name] = evaluation
+        return StageOutcome(stage, fit.history.assign(stage=stage.name), wall, fit, evaluation)
+
+    def _finish(self, state: TrainingState) -> SessionResult:
+        """Every classifier epoch in one table, and the final model scored on each part."""
+        history = pd.concat(
+            [pd.DataFrame(rows).assign(stage=self.plan[i].name) for i, rows in enumerate(state.histories)
+             if self.plan[i].kind == CLASSIFIER],
+            ignore_index=True,
+        )  # fmt: skip
+        evaluations = {}
+        for part, batches in self.training.eval.items():
+            if self.options.final_parts is not None and part not in self.options.final_parts:
+                continue
+            last = self._stage_evals.get(self.plan[-1].name)
+            if part == "val" and last is not None:
+                evaluations[part] = last  # The last stage already scored these very weights on val.
+            else:
+                probabilities = self.training.model.predict(batches, verbose=0)
+                evaluations[part] = evaluate_items(self.folder.parts[part], probabilities, self.folder.class_names)
+        stage_runs = {self.plan[int(i)].name: run_id for i, run_id in state.stage_runs.items()}
+        return SessionResult(history, evaluations, stage_runs, state, dict(self._stage_evals))

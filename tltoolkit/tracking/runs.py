@@ -1,0 +1,324 @@
+"""A `tltoolkit run` in MLflow: a parent run, a child run per stage, every epoch, the reports and the final model.
+
+`RunTracker` is the session's `TrainingHooks` for `run`: it opens (or, resuming, reopens) the parent run, makes or
+reopens each stage's child run, logs every epoch once, the stage's reports when it ends, and at the end the curves,
+evaluations, encoder and model on the parent. When the session fails it marks the runs KILLED (Ctrl-C, SIGTERM) or
+FAILED, so the MLflow UI never shows a dead run as running.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from tltoolkit.backbones.encoder import architecture_of, save_encoder
+from tltoolkit.errors import ResumeError
+from tltoolkit.recipe import Recipe, dump_recipe
+from tltoolkit.recipe.schema import flatten
+from tltoolkit.stages.checkpoint import Checkpoint, CheckpointStore
+from tltoolkit.stages.hooks import TrainingHooks
+from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors, samples
+from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, SessionResult, StageOutcome, TrainingSession
+from tltoolkit.tracking.models import log_classifier
+from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
+from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
+from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation, log_skipped_files
+from tltoolkit.tracking.store import checkpoint_root
+
+_logger = logging.getLogger(__name__)
+
+
+def backbone_label(recipe: Recipe) -> str:
+    """The backbone as runs are tagged: its name, or the autoencoder's encoder."""
+    if recipe.pretrain is None:
+        return recipe.backbone.name
+    return f"autoencoder ({recipe.pretrain.autoencoder.encoder} encoder)"
+
+
+class RunTracker(TrainingHooks):
+    """Tracks one `tltoolkit run` session in MLflow.
+
+    Args:
+        client: On the tracking store.
+        experiment_id: Where the runs go.
+        session: The session, data loaded (its recipe, folder and models are what is logged).
+        key: The command's resume key, tagged on the parent so `--resume` finds it.
+        parent_id: The parent run to continue (resuming); a new one is started otherwise.
+    """
+
+    def __init__(self, client: MlflowClient, experiment_id: str, session: TrainingSession, key: str,
+                 parent_id: str | None = None):  # fmt: skip
+        self.client, self.experiment_id, self.session = client, experiment_id, session
+        self.recipe, self.folder, self.key = session.recipe, session.folder, key
+        self.parent_id, self.child_id = parent_id, None
+        dataset = self.folder.root.resolve().name
+        self.tags = {
+            "tltoolkit.recipe": self.recipe.name or "recipe", "tltoolkit.backbone": backbone_label(self.recipe),
+            "tltoolkit.weights": "autoencoder" if self.recipe.pretrain else self.recipe.backbone.weights,
+            "tltoolkit.dataset": dataset, PROCESS_TAG: process_tag(), **self.recipe.tracking.tags,
+        }  # fmt: skip
+        label = backbone_label(self.recipe).split(" ")[0]
+        self.run_name = self.recipe.tracking.run_name or f"{self.recipe.name or 'recipe'}-{label}-{dataset}"
+        self.model_uri: str | None = None
+
+    def start(self) -> str:
+        """Starts the parent run (logging the recipe, data report and manifest once) or reopens it; its id."""
+        resumed = self.parent_id is not None
+        tags = {**self.tags, "tltoolkit.kind": "run", "tltoolkit.data_dir": str(self.folder.root.resolve()),
+                "tltoolkit.resume_key": self.key}  # fmt: skip
+        parent = mlflow.start_run(run_id=self.parent_id, experiment_id=self.experiment_id,
+                                  run_name=None if resumed else self.run_name, tags=tags)  # fmt: skip
+        self.parent_id = parent.info.run_id
+        if not resumed:
+            self._log_inputs()
+        return self.parent_id
+
+    def tag_checkpoints(self, folder: Path) -> None:
+        self.client.set_tag(self.parent_id, "tltoolkit.checkpoints", str(folder))
+
+    def _log_inputs(self) -> None:
+        """What a new run logs once: the flattened recipe, image counts, the resolved recipe and the data report."""
+        folder, recipe = self.folder, self.recipe
+        counts = {"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}}
+        self._log_params(self.parent_id, {**recipe.flat(), **counts})
+        self.client.log_text(self.parent_id, dump_recipe(recipe), "recipe.yaml")
+        log_data_report(self.client, self.parent_id, folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
+            name = folder.root.resolve().name
+            manifest = mlflow.data.from_pandas(folder.manifest(), source=str(folder.root.resolve()), name=name)
+            mlflow.log_input(manifest, context="training")
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    # --- Stages ---
+
+    def on_stage_begin(self, session, stage: PlannedStage, run_id, resume):
+        """Makes the stage's child run, or reopens the one it had before a kill (and logs the epochs it missed)."""
+        run_id = run_id or self._earlier_child(stage.index)
+        if run_id is None:
+            tags = {**self.tags, "mlflow.parentRunId": self.parent_id, "tltoolkit.kind": "stage",
+                    "tltoolkit.stage": stage.name, "tltoolkit.stage_index": str(stage.index)}  # fmt: skip
+            run_id = self.client.create_run(self.experiment_id, run_name=stage.name, tags=tags).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.child_id = run_id
+        if resume is not None:
+            self._log_missing_epochs(run_id, resume.rows)
+        if stage.kind == CLASSIFIER:  # Logged again on resume: the same values, in case the kill came before.
+            prefix = f"stages.{stage.stream}."
+            self._log_params(run_id, {k.removeprefix(prefix): v for k, v in self.recipe.flat().items()
+                                      if k.startswith(prefix)})  # fmt: skip
+        else:
+            self._log_pretrain_params(run_id)
+        return run_id
+
+    def _earlier_child(self, index: int) -> str | None:
+        """A child run made for this stage just before a kill, before the checkpoint could name it."""
+        earlier = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`tltoolkit.stage_index` = '{index}'",
+        )
+        return earlier[0].info.run_id if earlier else None
+
+    def _log_missing_epochs(self, run_id: str, rows: list[dict]) -> None:
+        """Epochs the checkpoint holds whose metrics did not reach MLflow before the kill (it is written first)."""
+        logged = {m.step for m in self.client.get_metric_history(run_id, "loss")}
+        now = int(time.time() * 1000)
+        missing = [Metric(key, float(value), now, int(row["epoch"])) for row in rows if int(row["epoch"]) not in logged
+                   for key, value in sorted(row.items()) if key != "epoch"]  # fmt: skip
+        if missing:
+            self.client.log_batch(run_id, metrics=missing)
+
+    def on_epoch_end(self, stage, epoch, logs):
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.child_id, metrics=[Metric(k, v, now, epoch) for k, v in sorted(logs.items())])
+
+    def on_stage_end(self, session, stage: PlannedStage, outcome: StageOutcome):
+        if stage.kind == PRETRAIN:
+            self._end_pretrain(outcome)
+        else:
+            self._end_classifier(outcome)
+        self.client.set_terminated(self.child_id, "FINISHED")
+        self.child_id = None
+
+    def _end_classifier(self, outcome: StageOutcome) -> None:
+        fit, run_id, name = outcome.fit, self.child_id, outcome.stage.name
+        self._log_params(run_id, {
+            "frozen_layers": fit.trainable.frozen_layers, "trainable_backbone_layers": fit.trainable.trainable_layers,
+            "trainable_params": fit.trainable.trainable_params, "feature_cache": fit.cached_above or "off",
+        })  # fmt: skip
+        summary = {"wall_s": outcome.wall_s, "epochs_run": len(fit.history)}
+        if fit.best_epoch is not None:
+            summary["best_epoch"] = fit.best_epoch
+        self._log_metrics(run_id, summary)
+        log_curves(self.client, run_id, outcome.history, f"{self.run_name} / {name}", "curves.png")
+        log_evaluation(self.client, run_id, outcome.evaluation, self.folder.class_names, "final_val")
+        if f"{name}_val_accuracy" not in self.client.get_run(self.parent_id).data.metrics:
+            self._log_metrics(self.parent_id, {f"{name}_val_accuracy": outcome.evaluation.metrics["accuracy"]})
+        _logger.info("Stage %r done in %.0fs: val accuracy %.4f", name, outcome.wall_s, outcome.evaluation.metrics["accuracy"])
+
+    def _log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def _log_pretrain_params(self, run_id: str) -> None:
+        pretraining, config = self.session.pretraining, self.recipe.pretrain.autoencoder
+        self._log_params(run_id, {**flatten(config.model_dump(mode="json")), "unlabeled_dir": pretraining.unlabeled_dir,
+                                  "train_images": len(pretraining.train), "val_images": len(pretraining.val)})  # fmt: skip
+        log_skipped_files(self.client, run_id, pretraining.skipped)
+
+    def _end_pretrain(self, outcome: StageOutcome) -> None:
+        """The autoencoder's curves, reconstructions, error histogram, anomaly threshold, encoder and snapshot."""
+        pretraining, config, run_id = self.session.pretraining, self.recipe.pretrain.autoencoder, self.child_id
+        ae, data, title = pretraining.autoencoder, autoencoder_data(config, self.recipe.data), f"{self.run_name} / pretrain"
+        val_error = float(reconstruction_errors(ae.scorer, pretraining.val, data, config.loss).mean())
+        errors = reconstruction_errors(ae.scorer, pretraining.train, data, config.loss)
+        threshold = float(np.percentile(errors, config.anomaly_percentile))
+        self._log_metrics(run_id, {"wall_s": outcome.wall_s, "epochs_run": len(outcome.history),
+                                   "anomaly_threshold": threshold, "train_reconstruction_error": float(errors.mean()),
+                                   "val_reconstruction_error": val_error})  # fmt: skip
+        log_curves(self.client, run_id, outcome.history.assign(stage="pretrain"), title, "curves.png")
+        percentile = f"training images; threshold = {config.anomaly_percentile:g}th percentile"
+        for figure, name in (
+            (reconstruction_figure(*samples(ae, pretraining.val, data), title=f"{title}: held-out images"),
+             "reconstructions.png"),
+            (error_histogram(errors, threshold, percentile), "reconstruction_errors.png"),
+        ):  # fmt: skip
+            self.client.log_figure(run_id, figure, name)
+            plt.close(figure)
+        with tempfile.TemporaryDirectory() as tmp:
+            encoder = save_encoder(ae.encoder, Path(tmp) / "encoder", architecture_of(config))
+            self.client.log_artifacts(run_id, str(encoder), "encoder")
+            ae.scorer.save(Path(tmp) / "autoencoder.keras")  # A snapshot: fine-tuning will move the encoder on.
+            self.client.log_artifact(run_id, str(Path(tmp) / "autoencoder.keras"), "autoencoder")
+        _logger.info(
+            "Stage 'pretrain' done: reconstruction %s %.5f on held-out images; anomaly threshold %.5f (%gth percentile "
+            "of training images).", config.loss, val_error, threshold, config.anomaly_percentile,
+        )  # fmt: skip
+
+    # --- The end ---
+
+    def on_session_end(self, session, result: SessionResult):
+        """Curves and history of every stage, the final evaluations, the encoder, and the model, on the parent."""
+        client, parent_id = self.client, self.parent_id
+        log_curves(client, parent_id, result.history, self.run_name, "curves.png")
+        client.log_text(parent_id, result.history.to_csv(index=False), "history.csv")
+        for part, evaluation in result.evaluations.items():
+            log_evaluation(client, parent_id, evaluation, self.folder.class_names, part)
+        anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
+        if self.recipe.tracking.log_model:
+            _logger.info("Logging the model to MLflow...")
+            self.model_uri = log_classifier(self.session.training.model, self.folder.class_names, self.recipe.data.resize,
+                                            dump_recipe(self.recipe), self.recipe.data.interpolation, anomaly)  # fmt: skip
+        mlflow.end_run()
+
+    def _final_autoencoder(self, result: SessionResult) -> dict:
+        """Logs the final encoder to the parent run; returns the anomaly scorer and threshold to log with the model.
+
+        After a separate pretraining, the scorer is the autoencoder as pretrained (a snapshot in the pretrain run: the
+        fine-tuned encoder no longer matches its decoder); in `joint` mode it is the autoencoder as trained, calibrated
+        now.
+        """
+        config, autoencoder = self.recipe.pretrain.autoencoder, self.session.pretraining.autoencoder
+        with tempfile.TemporaryDirectory() as tmp:
+            encoder = save_encoder(autoencoder.encoder, Path(tmp) / "encoder", architecture_of(config))
+            self.client.log_artifacts(self.parent_id, str(encoder), "encoder")
+        if PRETRAIN in result.stage_runs:
+            pretrain_run = result.stage_runs[PRETRAIN]
+            path = self.client.download_artifacts(pretrain_run, "autoencoder/autoencoder.keras")
+            threshold = self.client.get_run(pretrain_run).data.metrics["anomaly_threshold"]
+        else:
+            data = autoencoder_data(config, self.recipe.data)
+            errors = reconstruction_errors(autoencoder.scorer, self.session.pretraining.train, data, config.loss)
+            threshold = float(np.percentile(errors, config.anomaly_percentile))
+            self.client.log_metric(self.parent_id, "anomaly_threshold", threshold)
+            path = str(Path(tempfile.mkdtemp(prefix="tltoolkit-ae-")) / "autoencoder.keras")
+            autoencoder.scorer.save(path)
+        return {"autoencoder": path, "threshold": threshold, "loss": config.loss, "percentile": config.anomaly_percentile}
+
+    def on_session_failed(self, session, error):
+        self.fail(error)
+
+    def fail(self, error: BaseException) -> None:
+        """Marks the open runs KILLED (Ctrl-C, SIGTERM) or FAILED and ends the parent."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        for run_id in (self.child_id, self.parent_id):
+            if run_id:
+                self.client.set_terminated(run_id, status)
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status)
+
+
+@dataclass
+class ResumePoint:
+    """An unfinished run to continue: its parent run, checkpoint folder and newest readable checkpoint."""
+
+    parent_id: str
+    store: CheckpointStore
+    checkpoint: Checkpoint
+
+    def run_ids(self) -> set[str]:
+        return {self.parent_id, *self.checkpoint.state.stage_runs.values()}
+
+
+def find_resume_point(client: MlflowClient, experiment_id: str, resume: bool | str, key: str, uri: str,
+                      what: str = "this recipe on this data folder") -> ResumePoint:  # fmt: skip
+    """The run `--resume` continues: the run id given, else the newest unfinished run with this resume key (`what`
+    describes the command for the message when there is none).
+
+    Raises:
+        ResumeError: No such run, it finished, it has no readable checkpoint, or it was started with another
+            recipe or data folder.
+    """
+    if isinstance(resume, str):
+        try:
+            candidates = [client.get_run(resume)]
+        except Exception:
+            raise ResumeError(f"--resume {resume}: no such run in the MLflow store {uri}.") from None
+        if candidates[0].data.tags.get("tltoolkit.kind") != "run":
+            raise ResumeError(f"--resume {resume}: that run is not a `tltoolkit run` parent run (its stages resume with it).")
+    else:
+        candidates = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`tltoolkit.kind` = 'run' and tags.`tltoolkit.resume_key` = '{key}' "
+            "and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
+    for candidate in candidates:
+        point = _checkpointed(candidate, uri, explicit=isinstance(resume, str))
+        if point is None:
+            continue
+        if point.checkpoint.state.key != key:
+            raise ResumeError(
+                f"Run {point.parent_id} was started with a different recipe (or --set overrides) or data folder; resume "
+                "it with exactly the same command plus --resume, or start a new run without --resume."
+            )
+        return point
+    raise ResumeError(
+        f"Nothing to resume: no unfinished run of {what} with a checkpoint in experiment "
+        f"{client.get_experiment(experiment_id).name!r} at {uri}. Run the command without --resume to start one."
+    )
+
+
+def _checkpointed(run, uri: str, explicit: bool) -> ResumePoint | None:
+    run_id = run.info.run_id
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"Run {run_id} already finished; there is nothing to resume. Start a new run without --resume.")
+    folder = run.data.tags.get("tltoolkit.checkpoints") or str(checkpoint_root(uri) / run_id)
+    store = CheckpointStore(folder)
+    checkpoint = store.latest()
+    if checkpoint is None and explicit:
+        raise ResumeError(f"Run {run_id} has no readable checkpoint in {folder}; it cannot be resumed.")
+    return None if checkpoint is None else ResumePoint(run_id, store, checkpoint)
