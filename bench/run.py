@@ -10,8 +10,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], tuple[list[dict], dict]]] = {}
@@ -34,19 +34,22 @@ def _run_recipe(args, recipe: str, data: Path, experiment: str) -> tuple[list[di
     if not data.is_dir():
         raise SystemExit(f"No data at {data}: pass --data DIR.")
     started = time.perf_counter()
-    result = tltoolkit.run(REPO / "recipes" / recipe, data, tracking_uri=args.tracking_uri, experiment=experiment,
-                           verbose=args.verbose)  # fmt: skip
+    result = tltoolkit.run(
+        REPO / "recipes" / recipe, data, tracking_uri=args.tracking_uri, experiment=experiment, verbose=args.verbose
+    )
     wall = time.perf_counter() - started
     client = MlflowClient(result.tracking_uri)
     rows = []
     for stage, run_id in result.stage_runs.items():
         history = result.history[result.history.stage == stage]
-        rows.append({
-            "stage": stage,
-            "val_accuracy": round(client.get_run(run_id).data.metrics["final_val_accuracy"], 4),
-            "epochs": len(history),
-            "wall_s": round(client.get_run(run_id).data.metrics["wall_s"], 1),
-        })  # fmt: skip
+        rows.append(
+            {
+                "stage": stage,
+                "val_accuracy": round(client.get_run(run_id).data.metrics["final_val_accuracy"], 4),
+                "epochs": len(history),
+                "wall_s": round(client.get_run(run_id).data.metrics["wall_s"], 1),
+            }
+        )
     figures = {"val_accuracy": round(result.metrics["val_accuracy"], 4)}
     figures.update({f"val_accuracy_{row['stage']}": row["val_accuracy"] for row in rows[:-1]})
     figures.update({key: round(v, 4) for key, v in result.metrics.items() if key == "test_accuracy"})
@@ -120,8 +123,11 @@ def _plain_keras_head(data: Path, epochs: int, verbose: int) -> dict:
     base = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=recipe.data.image_size)
     base.trainable = False
     model = build_classifier(base, class_names, recipe.head)
-    model.compile(optimizer=keras.optimizers.Adam(recipe.stages[0].optimizer.learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.Adam(recipe.stages[0].optimizer.learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     history = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose)
     return {"wall_s": time.perf_counter() - started, "val_accuracy": float(history.history["val_accuracy"][-1])}
 
@@ -147,18 +153,29 @@ def head_cache(args) -> tuple[list[dict], dict]:
     # One run per side is one draw of shuffling and initialisation; on 153 val images one image is 0.0065. The cache
     # makes more seeds nearly free, so the cached side's spread over seeds is measured too (not timed).
     seeds = [cached.metrics["val_accuracy"]] + [
-        tltoolkit.run(recipe, data, [*overrides, f"seed={seed}"], args.tracking_uri, "bench-head-cache",
-                      verbose=0).metrics["val_accuracy"]
+        tltoolkit.run(
+            recipe, data, [*overrides, f"seed={seed}"], args.tracking_uri, "bench-head-cache", verbose=0
+        ).metrics["val_accuracy"]
         for seed in range(43, 47)
-    ]  # fmt: skip
+    ]
     plain = _plain_keras_head(data, 20, args.verbose)
     rows = [
-        {"way": "tltoolkit (feature cache)", "val_accuracy": round(cached.metrics["val_accuracy"], 4),
-         "wall_s": round(cached_wall, 1)},
-        {"way": "tltoolkit, seeds 42-46 (mean, untimed)", "val_accuracy": round(float(np.mean(seeds)), 4), "wall_s": None},
-        {"way": "plain Keras (frozen base in the model)", "val_accuracy": round(plain["val_accuracy"], 4),
-         "wall_s": round(plain["wall_s"], 1)},
-    ]  # fmt: skip
+        {
+            "way": "tltoolkit (feature cache)",
+            "val_accuracy": round(cached.metrics["val_accuracy"], 4),
+            "wall_s": round(cached_wall, 1),
+        },
+        {
+            "way": "tltoolkit, seeds 42-46 (mean, untimed)",
+            "val_accuracy": round(float(np.mean(seeds)), 4),
+            "wall_s": None,
+        },
+        {
+            "way": "plain Keras (frozen base in the model)",
+            "val_accuracy": round(plain["val_accuracy"], 4),
+            "wall_s": round(plain["wall_s"], 1),
+        },
+    ]
     figures = {
         "speedup": round(plain["wall_s"] / cached_wall, 2),
         "accuracy_delta": round(cached.metrics["val_accuracy"] - plain["val_accuracy"], 4),
@@ -182,21 +199,32 @@ def search(args) -> tuple[list[dict], dict]:
     import tltoolkit
 
     data = Path(args.data or HYMENOPTERA)
-    overrides = [f"search.directory={Path(args.workdir) / 'tuning'}", "search.max_trials=20", "stages.0.epochs=20",
-                 "tracking.log_model=false"]  # fmt: skip
+    overrides = [
+        f"search.directory={Path(args.workdir) / 'tuning'}",
+        "search.max_trials=20",
+        "stages.0.epochs=20",
+        "tracking.log_model=false",
+    ]
     _warm_imports(args.tracking_uri)
     started = time.perf_counter()
-    result = tltoolkit.tune(REPO / "recipes" / "search_head.yaml", data, overrides, args.tracking_uri,
-                            "bench-search", verbose=0)  # fmt: skip
+    result = tltoolkit.tune(
+        REPO / "recipes" / "search_head.yaml", data, overrides, args.tracking_uri, "bench-search", verbose=0
+    )
     search_wall = time.perf_counter() - started
     plain = _plain_keras_head(data, 20, args.verbose)
     completed = result.trials[result.trials.status == "COMPLETED"]
     rows = [
-        {"what": f"search: {len(completed)} trials x 20 epochs", "val_accuracy": round(result.best_objective, 4),
-         "wall_s": round(search_wall, 1)},
-        {"what": "one plain Keras head training, 20 epochs", "val_accuracy": round(plain["val_accuracy"], 4),
-         "wall_s": round(plain["wall_s"], 1)},
-    ]  # fmt: skip
+        {
+            "what": f"search: {len(completed)} trials x 20 epochs",
+            "val_accuracy": round(result.best_objective, 4),
+            "wall_s": round(search_wall, 1),
+        },
+        {
+            "what": "one plain Keras head training, 20 epochs",
+            "val_accuracy": round(plain["val_accuracy"], 4),
+            "wall_s": round(plain["wall_s"], 1),
+        },
+    ]
     figures = {
         "trials": int(len(completed)),
         "ratio_to_one_plain_head": round(search_wall / plain["wall_s"], 3),
@@ -251,8 +279,12 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
 
     digits = write_digits(Path(args.workdir) / "digits")
     seeds = [10, 11, 12]
-    scratch_stages = ["stages=[{name: train, epochs: 45, unfreeze: all, optimizer: {name: adam, learning_rate: 0.001}}]",
-                      "backbone.name=autoencoder", "backbone.weights=none", "backbone.freeze=none"]  # fmt: skip
+    scratch_stages = [
+        "stages=[{name: train, epochs: 45, unfreeze: all, optimizer: {name: adam, learning_rate: 0.001}}]",
+        "backbone.name=autoencoder",
+        "backbone.weights=none",
+        "backbone.freeze=none",
+    ]
     rows, scores = [], {"ae": [], "scratch": [], "imagenet": []}
     for seed in seeds:
         labelled, unlabelled = _few_label_split(digits, Path(args.workdir) / f"seed{seed}", 5, seed)
@@ -262,12 +294,25 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
             ("imagenet", "quickstart.yaml", [], None),
         ):
             started = time.perf_counter()
-            result = tltoolkit.run(REPO / "recipes" / recipe, labelled, [f"seed={seed}", *extra], args.tracking_uri,
-                                   f"bench-semi-supervised-{kind}", args.verbose, unlabeled=unlabeled)  # fmt: skip
+            result = tltoolkit.run(
+                REPO / "recipes" / recipe,
+                labelled,
+                [f"seed={seed}", *extra],
+                args.tracking_uri,
+                f"bench-semi-supervised-{kind}",
+                args.verbose,
+                unlabeled=unlabeled,
+            )
             scores[kind].append(result.metrics["test_accuracy"])
-            rows.append({"seed": seed, "model": kind, "test_accuracy": round(result.metrics["test_accuracy"], 4),
-                         "val_accuracy": round(result.metrics["val_accuracy"], 4),
-                         "wall_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "seed": seed,
+                    "model": kind,
+                    "test_accuracy": round(result.metrics["test_accuracy"], 4),
+                    "val_accuracy": round(result.metrics["val_accuracy"], 4),
+                    "wall_s": round(time.perf_counter() - started, 1),
+                }
+            )
     figures = {"seeds": seeds, "labels_per_class": 5, "test_images": 360}
     for kind, name in (("ae", "ae"), ("scratch", "scratch"), ("imagenet", "imagenet")):
         figures[f"{name}_mean_accuracy"] = round(float(np.mean(scores[kind])), 4)
@@ -278,7 +323,9 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))
-    parser.add_argument("--tracking-uri", help="MLflow store for the benchmark's runs (default: as for `tltoolkit run`)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store for the benchmark's runs (default: as for `tltoolkit run`)"
+    )
     parser.add_argument("--data", help="image folder to use instead of the benchmark's own")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 bar, 2 a line/epoch")
     args = parser.parse_args(argv)

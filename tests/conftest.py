@@ -37,8 +37,13 @@ def _isolated(tmp_path, monkeypatch):
     yield
 
 
-def write_images(root: Path, classes: dict[str, tuple[int, int, int]] | None = None, per_class: int = 8,
-                 size: int = 24, seed: int = 0) -> Path:
+def write_images(
+    root: Path,
+    classes: dict[str, tuple[int, int, int]] | None = None,
+    per_class: int = 8,
+    size: int = 24,
+    seed: int = 0,
+) -> Path:
     """A tiny, learnable class-per-subfolder tree: noisy images of one colour per class."""
     rng = np.random.default_rng(seed)
     for name, colour in (classes or COLOURS).items():
@@ -92,8 +97,9 @@ def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
         slow.mkdir(exist_ok=True)
         (slow / "sitecustomize.py").write_text(SLOW_EPOCHS)
         env["PYTHONPATH"] = os.pathsep.join([str(slow), env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT,
-                            env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT, env=env
+    )
 
 
 def wait_until(condition, process, timeout=120.0, what=""):

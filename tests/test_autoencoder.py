@@ -2,19 +2,27 @@
 
 import numpy as np
 import pytest
+from conftest import COLOURS, tiny_recipe, write_images
 from mlflow import MlflowClient
 from PIL import Image
 
 import tltoolkit
-from conftest import COLOURS, tiny_recipe, write_images
 from tltoolkit.errors import BackboneError, DataError
 from tltoolkit.model.layers import Corrupt
 
 
 def ae_recipe(**autoencoder) -> dict:
     recipe = tiny_recipe(head={"dropout": 0.0, "pooling": "flatten"})
-    recipe["pretrain"] = {"autoencoder": {"widths": [8, 16], "latent": 8, "epochs": 2, "batch_size": 8,
-                                          "optimizer": {"learning_rate": 1e-2}, **autoencoder}}  # fmt: skip
+    recipe["pretrain"] = {
+        "autoencoder": {
+            "widths": [8, 16],
+            "latent": 8,
+            "epochs": 2,
+            "batch_size": 8,
+            "optimizer": {"learning_rate": 1e-2},
+            **autoencoder,
+        }
+    }
     recipe["backbone"] = {"name": "autoencoder", "weights": "none", "freeze": "all"}
     return recipe
 
@@ -64,8 +72,9 @@ def test_pretrain_stage_then_head_on_the_encoder_tracked_and_reusable(image_fold
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # Another recipe names that encoder as its backbone (a run id means its `encoder/`), and fine-tunes it.
-    reuse = tiny_recipe(backbone={"name": "autoencoder", "weights": result.run_id, "freeze": "latent"},
-                        head={"pooling": "flatten"})  # fmt: skip
+    reuse = tiny_recipe(
+        backbone={"name": "autoencoder", "weights": result.run_id, "freeze": "latent"}, head={"pooling": "flatten"}
+    )
     again = tltoolkit.run(reuse, image_folder, verbose=0)
     assert "val_accuracy" in again.metrics and "pretrain" not in again.stage_runs
 
@@ -167,6 +176,9 @@ def test_a_registered_backbone_as_the_encoder_is_mirrored_by_the_decoder():
     autoencoder = build_autoencoder(encoder, config, seed=0)
     assert autoencoder.scorer.output_shape == (None, 32, 32, 3)
     assert [layer.name for layer in autoencoder.decoder.layers if "conv" in layer.name] == [
-        "up1_conv", "up2_conv", "up3_conv"], "three halvings undone"  # fmt: skip
+        "up1_conv",
+        "up2_conv",
+        "up3_conv",
+    ], "three halvings undone"
     with pytest.raises(BackboneError, match="cannot be mirrored"):
         build_decoder((3, 3, 6), 32, {"encoder": "test_tiny", "widths": [1], "latent": 6})

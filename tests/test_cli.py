@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import tiny_recipe, write_images
+
 from tltoolkit.cli import main
 from tltoolkit.commands.ui import ui_command
 from tltoolkit.errors import TltoolkitError
@@ -22,8 +22,22 @@ def trained(tmp_path_factory):
     recipe = root / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe()))
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    code = main(["run", str(recipe), "--data", str(data), "--tracking-uri", uri, "--experiment", "birds",
-                 "--set", "stages.0.epochs=1", "--set", "data.batch_size=4"])
+    code = main(
+        [
+            "run",
+            str(recipe),
+            "--data",
+            str(data),
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            "birds",
+            "--set",
+            "stages.0.epochs=1",
+            "--set",
+            "data.batch_size=4",
+        ]
+    )
     assert code == 0
     import mlflow
 
@@ -45,8 +59,23 @@ def test_predict_writes_a_csv_of_top_k(trained, tmp_path, capsys):
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "notes.txt").write_text("not an image")
     out = tmp_path / "predictions.csv"
-    assert main(["predict", run_id, str(data / "red"), str(tmp_path / "odd"), "--top-k", "2",
-                 "--output", str(out), "--tracking-uri", uri]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                run_id,
+                str(data / "red"),
+                str(tmp_path / "odd"),
+                "--top-k",
+                "2",
+                "--output",
+                str(out),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out)
     assert list(table.columns) == ["path", "class_1", "probability_1", "class_2", "probability_2"]
     assert len(table) == 6 and set(table["class_1"]) <= {"blue", "green", "red"}
@@ -91,7 +120,10 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
     assert main(["run", str(recipe), "--data", str(single)]) == 2
     assert "single class" in capsys.readouterr().err
     assert main(["run", str(recipe), "--data", str(tmp_path), "--set", "backbone.freeze=nope_layer"]) == 2
-    assert "--set backbone.freeze=nope_layer: backbone.freeze='nope_layer' is not a layer of test_tiny" in capsys.readouterr().err
+    assert (
+        "--set backbone.freeze=nope_layer: backbone.freeze='nope_layer' is not a layer of test_tiny"
+        in capsys.readouterr().err
+    )
     beyond = tiny_recipe()
     beyond["stages"][1]["unfreeze"] = 500
     recipe.write_text(yaml.safe_dump(beyond, sort_keys=False))
@@ -115,7 +147,9 @@ def test_backbone_layers_listing(capsys):
 
 
 def test_console_script_and_module_entry_points():
-    help_text = subprocess.run([sys.executable, "-m", "tltoolkit", "--help"], capture_output=True, text=True, check=True)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "tltoolkit", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("run", "demo", "evaluate", "predict", "compare", "ui", "backbones"):
         assert command in help_text.stdout
     script = Path(sys.executable).with_name("tltoolkit")

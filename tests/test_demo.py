@@ -5,8 +5,21 @@ from tltoolkit.cli import main
 
 def test_demo_writes_digits_and_runs_quickstart(tmp_path, capsys):
     out = tmp_path / "digits"
-    code = main(["demo", "--out", str(out), "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1",
-                 "--set", "data.image_size=32", "--set", "tracking.log_model=false"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--set",
+            "stages.0.epochs=1",
+            "--set",
+            "stages.1.epochs=1",
+            "--set",
+            "data.image_size=32",
+            "--set",
+            "tracking.log_model=false",
+        ]
+    )
     assert code == 0
     train = sorted(p.name for p in (out / "labeled" / "train").iterdir())
     assert train == [str(d) for d in range(10)]

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from conftest import cli, tiny_recipe, wait_until
 from mlflow import MlflowClient
 
 import tltoolkit
-from conftest import cli, tiny_recipe, wait_until
 from tltoolkit.errors import ResumeError
 from tltoolkit.tracking.models import load_classifier
 from tltoolkit.tracking.processes import PROCESS_TAG, mark_dead_runs_killed, process_tag
@@ -21,8 +21,13 @@ def resumable_recipe(**changes) -> dict:
         head={"dense": [8], "dropout": 0.3},  # Dropout: its seed state must resume too.
         stages=[
             {"name": "head", "epochs": 3, "optimizer": {"learning_rate": 1e-2}, "schedule": {"name": "cosine"}},
-            {"name": "finetune", "epochs": 3, "unfreeze": "all", "optimizer": {"learning_rate": 1e-3},
-             "early_stopping": {"monitor": "val_loss", "patience": 5}},
+            {
+                "name": "finetune",
+                "epochs": 3,
+                "unfreeze": "all",
+                "optimizer": {"learning_rate": 1e-3},
+                "early_stopping": {"monitor": "val_loss", "patience": 5},
+            },
         ],
         **changes,
     )
@@ -56,6 +61,7 @@ def test_killed_in_each_stage_resumes_the_same_runs_to_the_same_weights(image_fo
         def check():
             runs = [r for r in runs_of(client, "resumed") if r.data.tags.get("tltoolkit.stage") == stage]
             return bool(runs) and len(epochs_logged(client, runs[0].info.run_id)) >= epochs
+
         return check
 
     process = cli(*command, log=log, slow=tmp_path / "slow")
@@ -70,8 +76,12 @@ def test_killed_in_each_stage_resumes_the_same_runs_to_the_same_weights(image_fo
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    assert subprocess.run([sys.executable, "-m", "tltoolkit", *command, "--resume"], stdout=log.open("a"),
-                          stderr=subprocess.STDOUT).returncode == 0, log.read_text()[-3000:]  # fmt: skip
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "tltoolkit", *command, "--resume"], stdout=log.open("a"), stderr=subprocess.STDOUT
+        ).returncode
+        == 0
+    ), log.read_text()[-3000:]
     text = log.read_text()
     assert "Resuming run" in text and "resuming at epoch 2" in text
 
@@ -178,5 +188,10 @@ def test_runs_of_dead_processes_are_marked_killed_and_live_ones_kept(tmp_path):
     killed = mark_dead_runs_killed(client, keep={ids["resumed"]})
     assert sorted(killed) == sorted([ids["dead"], ids["reused_pid"]])
     status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
-    assert status == {"dead": "KILLED", "reused_pid": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING",
-                      "resumed": "RUNNING"}  # fmt: skip
+    assert status == {
+        "dead": "KILLED",
+        "reused_pid": "KILLED",
+        "alive": "RUNNING",
+        "elsewhere": "RUNNING",
+        "resumed": "RUNNING",
+    }

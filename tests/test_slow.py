@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import cli, wait_until
 from mlflow import MlflowClient
 
 import tltoolkit
-from conftest import cli, wait_until
 from tltoolkit.tracking.models import load_classifier
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
@@ -24,7 +24,8 @@ pytestmark = [
 def test_mobilenet_v2_on_real_photos_killed_mid_finetune_resumes_to_the_same_weights(tmp_path):
     """MobileNetV2 with its offline ImageNet weights, 128 px: SIGKILL in fine-tune epoch 2, resume, same weights."""
     recipe = {
-        "name": "real", "seed": 3,
+        "name": "real",
+        "seed": 3,
         "data": {"image_size": 128, "batch_size": 16},
         "backbone": {"name": "mobilenet_v2", "weights": "torchvision", "freeze": "all"},
         "head": {"dropout": 0.2},
@@ -32,7 +33,7 @@ def test_mobilenet_v2_on_real_photos_killed_mid_finetune_resumes_to_the_same_wei
             {"name": "head", "epochs": 2, "optimizer": {"learning_rate": 1e-3}},
             {"name": "finetune", "epochs": 3, "unfreeze": "block_13_expand", "optimizer": {"learning_rate": 1e-5}},
         ],
-    }  # fmt: skip
+    }
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump(recipe))
     client = MlflowClient()
@@ -49,11 +50,18 @@ def test_mobilenet_v2_on_real_photos_killed_mid_finetune_resumes_to_the_same_wei
     wait_until(lambda: finetune_epochs() >= 1, process, timeout=900, what="fine-tune's first epoch")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = subprocess.run([sys.executable, "-m", "tltoolkit", *command, "--resume"], stdout=log.open("a"),
-                          stderr=subprocess.STDOUT, timeout=1200)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tltoolkit", *command, "--resume"],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        timeout=1200,
+    )
     assert done.returncode == 0, log.read_text()[-3000:]
-    parent = next(r for r in client.search_runs([client.get_experiment_by_name("real").experiment_id])
-                  if r.data.tags["tltoolkit.kind"] == "run")  # fmt: skip
+    parent = next(
+        r
+        for r in client.search_runs([client.get_experiment_by_name("real").experiment_id])
+        if r.data.tags["tltoolkit.kind"] == "run"
+    )
     assert parent.info.status == "FINISHED" and finetune_epochs() == 3
 
     straight = tltoolkit.run(path, HYMENOPTERA, experiment="straight", verbose=0)

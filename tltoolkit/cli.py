@@ -28,11 +28,16 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/mobilenet_v2.yaml")
     parser.add_argument("--data", help="image folder: class subfolders, or train/ + val/ [+ test/] subfolders")
     parser.add_argument(
-        "--unlabeled", metavar="DIR",
+        "--unlabeled",
+        metavar="DIR",
         help="folder of unlabelled images (any depth) for a recipe's autoencoder pretraining (default: data.unlabeled)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
         help="override a recipe field before validation, e.g. --set stages.0.epochs=5 (repeatable)",
     )
     _add_tracking_flag(parser)
@@ -93,10 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", help="train a classifier as a recipe says (head stage, then fine-tune)")
     _add_run_flags(run)
     run.add_argument(
-        "--resume", nargs="?", const=True, default=False, metavar="RUN_ID",
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_ID",
         help="continue the newest unfinished run of this same command (recipe, --set, --data) from its checkpoint, "
         "in the same MLflow runs; or the run RUN_ID",
-    )  # fmt: skip
+    )
 
     tune = command(
         "tune", help="keras-tuner search over the recipe's `search.space`; every trial an MLflow child run; resumable"
@@ -105,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--overwrite", action="store_true", help="start the search over instead of resuming it")
     tune.add_argument("--then-run", action="store_true", help="then train and log the final model from the best recipe")
     tune.add_argument(
-        "--distributed", choices=["chief", "worker"],
+        "--distributed",
+        choices=["chief", "worker"],
         help="keras-tuner's distributed search: one chief serves the oracle, workers run the trials",
-    )  # fmt: skip
+    )
     tune.add_argument("--oracle-address", metavar="HOST:PORT", help="the chief's address (with --distributed)")
     tune.add_argument("--worker-id", help="a name for this worker (default: its process id)")
 
@@ -130,14 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         usage="tltoolkit predict MODEL PATH [PATH ...] | tltoolkit predict --imagenet PATH [PATH ...]",
     )
     predict.add_argument(
-        "items", nargs="+", metavar="MODEL PATH",
+        "items",
+        nargs="+",
+        metavar="MODEL PATH",
         help="the model (run id, runs:/ or models:/ URI, MLflow model folder, or .keras file), then image files or "
         "folders; with --imagenet only images",
-    )  # fmt: skip
+    )
     predict.add_argument(
-        "--imagenet", action="store_true",
+        "--imagenet",
+        action="store_true",
         help="label the images with a pretrained backbone's original ImageNet classifier (no trained model needed)",
-    )  # fmt: skip
+    )
     predict.add_argument("--backbone", default="mobilenet_v2", help="for --imagenet (default: mobilenet_v2)")
     predict.add_argument("--weights", help="for --imagenet: the weight source (default: one usable offline)")
     predict.add_argument("--top-k", type=int, help="classes per image (default: 3, or 5 with --imagenet)")
@@ -190,14 +203,33 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from tltoolkit.commands.run import run
 
-        run(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment, verbose=verbose,
-            resume=args.resume, unlabeled=args.unlabeled)  # fmt: skip
+        run(
+            _find_recipe(args.recipe),
+            args.data,
+            args.overrides,
+            args.tracking_uri,
+            args.experiment,
+            verbose=verbose,
+            resume=args.resume,
+            unlabeled=args.unlabeled,
+        )
     elif args.command == "tune":
         from tltoolkit.commands.tune import tune
 
-        tune(_find_recipe(args.recipe), args.data, args.overrides, args.tracking_uri, args.experiment,
-             overwrite=args.overwrite, then_run=args.then_run, verbose=verbose, distributed=args.distributed,
-             oracle_address=args.oracle_address, worker_id=args.worker_id, unlabeled=args.unlabeled)  # fmt: skip
+        tune(
+            _find_recipe(args.recipe),
+            args.data,
+            args.overrides,
+            args.tracking_uri,
+            args.experiment,
+            overwrite=args.overwrite,
+            then_run=args.then_run,
+            verbose=verbose,
+            distributed=args.distributed,
+            oracle_address=args.oracle_address,
+            worker_id=args.worker_id,
+            unlabeled=args.unlabeled,
+        )
     elif args.command == "demo":
         from tltoolkit.commands.run import run
         from tltoolkit.data.demo import write_digits

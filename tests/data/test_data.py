@@ -179,7 +179,7 @@ def messy_folder(root: Path) -> tuple[dict[str, tuple[int, int, int]], set[str]]
     exif[0x0112] = 6
     Image.fromarray(rotated).save(green / "exif_rotated.jpg", exif=exif)
     skipped = {"page.jpg", "empty.png", "truncated.jpg", "._red_0.png", ".hidden.png", "notes.txt", "bomb.png",
-               "._meta.png", "cover.png"}  # fmt: skip
+               "._meta.png", "cover.png"}
     (red / "page.jpg").write_text("<!doctype html><html>a saved web page</html>")
     (red / "empty.png").write_bytes(b"")
     jpeg = io.BytesIO()

@@ -55,7 +55,9 @@ def test_train_bn_lets_gamma_beta_train(parts):
     assert "block1_bn" in trainable_names(backbone)
 
 
-@pytest.mark.parametrize("value, fragment", [(99, "exceeds the 11 layers"), ("block9_conv", "not a layer of test_tiny")])
+@pytest.mark.parametrize(
+    "value, fragment", [(99, "exceeds the 11 layers"), ("block9_conv", "not a layer of test_tiny")]
+)
 def test_points_beyond_the_backbone_are_errors(parts, value, fragment):
     _, backbone = parts
     with pytest.raises(BackboneError, match=fragment):

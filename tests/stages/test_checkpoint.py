@@ -5,7 +5,10 @@ from tltoolkit.stages.checkpoint import CheckpointLayoutError, CheckpointStore, 
 
 
 def save(store, epoch):
-    return store.save(TrainingState(key="k", data="d", epoch=epoch), {"model": [np.full((3, 2), epoch, np.float32), np.arange(epoch + 1)]})
+    return store.save(
+        TrainingState(key="k", data="d", epoch=epoch),
+        {"model": [np.full((3, 2), epoch, np.float32), np.arange(epoch + 1)]},
+    )
 
 
 def test_checkpoints_round_trip_and_only_the_newest_two_are_kept(tmp_path):
@@ -60,8 +63,16 @@ def test_the_state_round_trips_with_its_types(tmp_path):
     from tltoolkit.stages.checkpoint import StopperState
 
     store = CheckpointStore(tmp_path)
-    state = TrainingState(key="k", data="d", stage=2, epoch=1, rows=[{"epoch": 0, "loss": 0.5}], stage_runs={"0": "r"},
-                          histories=[[{"epoch": 0}]], stopper=StopperState(1, 0.25, 0, 0))  # fmt: skip
+    state = TrainingState(
+        key="k",
+        data="d",
+        stage=2,
+        epoch=1,
+        rows=[{"epoch": 0, "loss": 0.5}],
+        stage_runs={"0": "r"},
+        histories=[[{"epoch": 0}]],
+        stopper=StopperState(1, 0.25, 0, 0),
+    )
     store.save(state, {})
     assert store.latest().state == state
 
@@ -72,6 +83,9 @@ def test_a_checkpoint_of_an_older_layout_is_refused_not_misread(tmp_path):
 
     old = {"key": "k", "data": "d", "stage": -1, "epoch": 0, "rows": [], "stage_runs": {}, "histories": []}
     np.savez(tmp_path / "checkpoint-000000.npz", state=np.frombuffer(json.dumps(old).encode(), dtype=np.uint8))
-    with pytest.raises(CheckpointLayoutError, match=r"checkpoint-000000.npz was written by another version.*layout 1.*"
-                       r"start a new run without --resume"):  # fmt: skip
+    with pytest.raises(
+        CheckpointLayoutError,
+        match=r"checkpoint-000000.npz was written by another version.*layout 1.*"
+        r"start a new run without --resume",
+    ):
         CheckpointStore(tmp_path).latest()

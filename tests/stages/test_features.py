@@ -3,16 +3,16 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import tiny_recipe
 
 import tltoolkit
-from conftest import tiny_recipe
 from tltoolkit.data import prepare_data
 from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
 from tltoolkit.recipe import load_recipe
 from tltoolkit.stages import FeatureCache, FeatureSource, StageRun, fit_stage
-from tltoolkit.stages.training import Training
 from tltoolkit.stages.features import cut_tensors
+from tltoolkit.stages.training import Training
 
 
 def train_head(image_folder, cached: bool, cache: FeatureCache, **changes):
@@ -44,8 +44,16 @@ def test_cached_features_train_the_same_head_as_the_frozen_backbone(image_folder
     assert fast_outcome.cached_above == ("head" if freeze == "all" else "block3_conv")
     assert cache.misses == 1
     for name in ["head_dense0", "predictions"] + (["block3_conv"] if freeze != "all" else []):
-        layer = plain.get_layer(name) if name.startswith(("head", "pred")) else plain.get_layer("backbone").layer.get_layer(name)
-        other = fast.get_layer(name) if name.startswith(("head", "pred")) else fast.get_layer("backbone").layer.get_layer(name)
+        layer = (
+            plain.get_layer(name)
+            if name.startswith(("head", "pred"))
+            else plain.get_layer("backbone").layer.get_layer(name)
+        )
+        other = (
+            fast.get_layer(name)
+            if name.startswith(("head", "pred"))
+            else fast.get_layer("backbone").layer.get_layer(name)
+        )
         for a, b in zip(layer.get_weights(), other.get_weights()):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(plain_outcome.history["loss"], fast_outcome.history["loss"], rtol=1e-4)

@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 import pytest
+from conftest import tiny_recipe
 
 import tltoolkit
-from conftest import tiny_recipe
 from tltoolkit.data import prepare_data
 from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
@@ -58,8 +58,12 @@ def test_head_stage_leaves_the_frozen_backbone_untouched(setup):
 def test_early_stopping_restores_the_best_epoch(setup):
     recipe, model, backbone, train, val = setup
     stage = StageConfig.model_validate(
-        {"name": "head", "epochs": 6, "optimizer": {"learning_rate": 5.0},  # diverges after the first epochs
-         "early_stopping": {"monitor": "val_loss", "patience": 1}}
+        {
+            "name": "head",
+            "epochs": 6,
+            "optimizer": {"learning_rate": 5.0},  # diverges after the first epochs
+            "early_stopping": {"monitor": "val_loss", "patience": 1},
+        }
     )
     outcome = fit(setup, stage)
     best = outcome.history["val_loss"].idxmin()

@@ -34,7 +34,6 @@ def test_unusable_store_folder_is_a_clear_error(tmp_path):
 
 def test_two_runs_writing_one_sqlite_store_at_once_both_finish(image_folder, tmp_path):
     import yaml
-
     from conftest import cli, tiny_recipe
 
     path = tmp_path / "recipe.yaml"
@@ -42,8 +41,10 @@ def test_two_runs_writing_one_sqlite_store_at_once_both_finish(image_folder, tmp
     store = tmp_path / "shared" / "mlflow.db"  # A fresh store: both processes create its tables at once, too.
     uri = f"sqlite:///{store}"
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
-    processes = [cli("run", str(path), "--data", str(image_folder), "--tracking-uri", uri, "--experiment", "both",
-                     log=log) for log in logs]  # fmt: skip
+    processes = [
+        cli("run", str(path), "--data", str(image_folder), "--tracking-uri", uri, "--experiment", "both", log=log)
+        for log in logs
+    ]
     for process, log in zip(processes, logs):
         assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
         assert "database is locked" not in log.read_text()

@@ -3,10 +3,10 @@
 import mlflow
 import numpy as np
 import pytest
+from conftest import tiny_recipe, write_images
 from mlflow import MlflowClient
 
 import tltoolkit
-from conftest import tiny_recipe, write_images
 from tltoolkit.errors import ModelLoadError, TrackingError
 from tltoolkit.tracking.models import load_classifier
 
@@ -17,8 +17,10 @@ def finished(tmp_path_factory):
     data = write_images(root / "images", per_class=8)
     (data / "red" / "broken.jpg").write_text("not a jpeg")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
-    recipe = tiny_recipe(tracking={"experiment": "tracked", "tags": {"team": "vision"}},
-                         data={"image_size": 32, "batch_size": 8, "val_split": 0.25, "interpolation": "bilinear"})
+    recipe = tiny_recipe(
+        tracking={"experiment": "tracked", "tags": {"team": "vision"}},
+        data={"image_size": 32, "batch_size": 8, "val_split": 0.25, "interpolation": "bilinear"},
+    )
     result = tltoolkit.run(recipe, data, tracking_uri=uri, verbose=0)
     return result, uri, data
 
@@ -49,13 +51,20 @@ def test_parent_run_with_tags_params_and_artifacts(finished, client):
     assert {"val_accuracy", "val_loss", "head_val_accuracy", "finetune_val_accuracy"} <= set(parent.data.metrics)
     paths = set(artifact_paths(client, result.run_id))
     assert {
-        "recipe.yaml", "data/class_names.json", "data/skipped_files.csv", "data/manifest.csv", "curves.png",
-        "evaluation/val_confusion_matrix.png", "evaluation/val_classification_report.txt", "history.csv",
+        "recipe.yaml",
+        "data/class_names.json",
+        "data/skipped_files.csv",
+        "data/manifest.csv",
+        "curves.png",
+        "evaluation/val_confusion_matrix.png",
+        "evaluation/val_classification_report.txt",
+        "history.csv",
     } <= paths
     skipped = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/skipped_files.csv")
     assert "broken.jpg" in skipped
-    resolved = tltoolkit.load_recipe(dict(__import__("yaml").safe_load(
-        mlflow.artifacts.load_text(f"runs:/{result.run_id}/recipe.yaml"))))
+    resolved = tltoolkit.load_recipe(
+        dict(__import__("yaml").safe_load(mlflow.artifacts.load_text(f"runs:/{result.run_id}/recipe.yaml")))
+    )
     assert resolved.stages[0].epochs == 2 and resolved.data.image_size == 32
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli, tiny_recipe, wait_until
 from mlflow import MlflowClient
 
 import tltoolkit
-from conftest import cli, tiny_recipe, wait_until
 from tltoolkit.errors import RecipeError
 from tltoolkit.recipe import load_recipe
 
@@ -40,7 +40,9 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
     assert sorted(r.data.tags["tltoolkit.trial"] for r in children) == ["0", "1", "2"]
     first = next(c for c in children if c.data.tags["tltoolkit.trial"] == "0")
     assert json.loads(first.data.params["head.dropout"]) == 0.0 and first.data.params["head.dense"] == "[]"
-    assert json.loads(first.data.params["stages.0.optimizer.learning_rate"]) == pytest.approx(1e-2), "trial 0: as written"
+    assert json.loads(first.data.params["stages.0.optimizer.learning_rate"]) == pytest.approx(1e-2), (
+        "trial 0: as written"
+    )
     others = {(c.data.params["head.dropout"], c.data.params["head.dense"]) for c in children}
     assert len(others) == 3, "later trials are the oracle's own"
     for child in children:
@@ -57,7 +59,9 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
     assert {"trials.csv", "search.png", "best_recipe.yaml", "best_trial.json", "recipe.yaml"} <= artifacts
     best_trial = parent.data.tags["tltoolkit.best_trial"]
     best_child = next(c for c in children if c.data.tags["tltoolkit.trial"] == best_trial)
-    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(max(c.data.metrics["val_accuracy"] for c in children))
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
+        max(c.data.metrics["val_accuracy"] for c in children)
+    )
     assert best_child.data.metrics["val_accuracy"] == pytest.approx(result.best_objective)
     best_yaml = Path(client.download_artifacts(result.parent_run_id, "best_recipe.yaml"))
     best = load_recipe(best_yaml)
@@ -101,6 +105,7 @@ def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
 
 
 # --- Processes: a real SIGKILL, then the same command resumes; a chief and two workers on loopback. ---
+
 
 def trial_runs(client, name):
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -164,7 +169,9 @@ def test_distributed_chief_and_two_workers_run_every_trial_once(image_folder, tm
     address = f"127.0.0.1:{free_port()}"
     base = ("tune", str(path), "--data", str(image_folder), "--oracle-address", address)
     chief = cli(*base, "--distributed", "chief", log=tmp_path / "chief.log")
-    workers = [cli(*base, "--distributed", "worker", "--worker-id", f"w{i}", log=tmp_path / f"w{i}.log") for i in (1, 2)]
+    workers = [
+        cli(*base, "--distributed", "worker", "--worker-id", f"w{i}", log=tmp_path / f"w{i}.log") for i in (1, 2)
+    ]
     try:
         for i, worker in enumerate(workers, start=1):
             assert worker.wait(timeout=400) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
@@ -201,7 +208,10 @@ def test_ctrl_c_marks_the_runs_killed_and_the_same_call_resumes(image_folder, mo
     client = MlflowClient()
     parents, runs = trial_runs(client, "tiny")
     assert [p.info.status for p in parents] == ["KILLED"]
-    assert sorted((r.data.tags.get("tltoolkit.trial"), r.info.status) for r in runs) == [("0", "FINISHED"), ("1", "KILLED")]
+    assert sorted((r.data.tags.get("tltoolkit.trial"), r.info.status) for r in runs) == [
+        ("0", "FINISHED"),
+        ("1", "KILLED"),
+    ]
 
     result = tltoolkit.tune(search_recipe(max_trials=2), image_folder, verbose=0)
     assert result.parent_run_id == parents[0].info.run_id

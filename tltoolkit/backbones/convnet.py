@@ -21,7 +21,13 @@ def _build_convnet(cfg: BackboneCfg, input_tensor, include_top: bool, weights: s
     x = input_tensor
     for block, width in enumerate(cfg.options["widths"], start=1):
         x = keras.layers.Conv2D(
-            width, 3, strides=2, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"block{block}_conv"
+            width,
+            3,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name=f"block{block}_conv",
         )(x)
         x = keras.layers.BatchNormalization(name=f"block{block}_bn")(x)
         x = keras.layers.ReLU(name=f"block{block}_relu")(x)

@@ -10,9 +10,9 @@ preprocesses with `(x - 127) / 128`. Layer names follow `keras.applications.Effi
 
 from __future__ import annotations
 
+from tltoolkit.backbones import torch_port
 from tltoolkit.backbones.offline import PinnedCheckpoint
 from tltoolkit.backbones.registry import BackboneCfg, register_backbone
-from tltoolkit.backbones import torch_port
 from tltoolkit.backbones.torch_port import TorchNames, torch_weight_source
 
 LITE0 = PinnedCheckpoint(
@@ -50,9 +50,19 @@ def efficientnet_lite0(input_tensor, include_top: bool, names: TorchNames, name:
     def conv_bn(x, filters, kernel, stride, prefix, conv, bn, torch_conv, torch_bn, relu=True):
         """TF-"same" conv (depthwise if `filters` is None) + BN (+ ReLU6), named as keras.applications names them."""
         x = torch_port.conv_bn(
-            x, names, f"{prefix}{conv}", f"{prefix}{bn}", torch_conv, torch_bn, filters, kernel, stride, "same",
-            _EPSILON, _MOMENTUM,
-        )  # fmt: skip
+            x,
+            names,
+            f"{prefix}{conv}",
+            f"{prefix}{bn}",
+            torch_conv,
+            torch_bn,
+            filters,
+            kernel,
+            stride,
+            "same",
+            _EPSILON,
+            _MOMENTUM,
+        )
         return layers.ReLU(6.0, name=f"{prefix}{bn.replace('bn', 'activation')}")(x) if relu else x
 
     x = conv_bn(input_tensor, 32, 3, 2, "stem_", "conv", "bn", "_conv_stem", "_bn0")
@@ -63,16 +73,29 @@ def efficientnet_lite0(input_tensor, include_top: bool, names: TorchNames, name:
             prefix, torch, inputs = f"block{stage}{chr(ord('a') + repeat)}_", f"_blocks.{index}", x
             if expand != 1:
                 x = conv_bn(
-                    x, channels * expand, 1, 1, prefix, "expand_conv", "expand_bn",
-                    f"{torch}._expand_conv", f"{torch}._bn0",
-                )  # fmt: skip
+                    x,
+                    channels * expand,
+                    1,
+                    1,
+                    prefix,
+                    "expand_conv",
+                    "expand_bn",
+                    f"{torch}._expand_conv",
+                    f"{torch}._bn0",
+                )
+            x = conv_bn(x, None, kernel, stride, prefix, "dwconv", "bn", f"{torch}._depthwise_conv", f"{torch}._bn1")
             x = conv_bn(
-                x, None, kernel, stride, prefix, "dwconv", "bn", f"{torch}._depthwise_conv", f"{torch}._bn1"
+                x,
+                channels_out,
+                1,
+                1,
+                prefix,
+                "project_conv",
+                "project_bn",
+                f"{torch}._project_conv",
+                f"{torch}._bn2",
+                relu=False,
             )
-            x = conv_bn(
-                x, channels_out, 1, 1, prefix, "project_conv", "project_bn", f"{torch}._project_conv",
-                f"{torch}._bn2", relu=False,
-            )  # fmt: skip
             if stride == 1 and channels == channels_out:
                 x = layers.Add(name=f"{prefix}add")([inputs, x])
             index += 1

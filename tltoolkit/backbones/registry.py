@@ -6,8 +6,9 @@ Importing this module does not import Keras, so recipes validate backbone names 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tltoolkit.errors import BackboneError
 
@@ -29,7 +30,7 @@ class WeightSource:
     name: str  # As written in recipes, e.g. "imagenet" or "torchvision".
     summary: str  # One line for `tltoolkit backbones`: where the weights come from.
     is_cached: Callable[[], bool]  # Whether the weights are on this machine now (usable with no network).
-    builder: Callable[..., "keras.Model"] | None = None  # Overrides `BackboneCfg.builder` for these weights.
+    builder: Callable[..., keras.Model] | None = None  # Overrides `BackboneCfg.builder` for these weights.
     preprocessing: str | None = None  # Overrides `BackboneCfg.preprocessing` for these weights.
     file_suffixes: tuple[str, ...] = ()  # Local files this source's builder reads (e.g. ".pth"), beside its name.
 
@@ -46,7 +47,7 @@ class BackboneCfg:
     """
 
     name: str  # Registry name, as written in recipes: `backbone.name`.
-    builder: Callable[..., "keras.Model"]  # (cfg, input_tensor, include_top, weights) -> Functional model.
+    builder: Callable[..., keras.Model]  # (cfg, input_tensor, include_top, weights) -> Functional model.
     input_size: int  # Side of the square images the pretrained weights were trained on.
     feature_width: int  # Channels of the last feature map, the width a new head sits on.
     preprocessing: str  # An `ImagePreprocessing` mode ("tf", "torch", "caffe", "lite"), or "none" (built in).
@@ -131,7 +132,7 @@ def create_backbone(
     weights: str | None = "imagenet",
     include_top: bool = False,
     input_size: int | None = None,
-) -> "keras.Model":
+) -> keras.Model:
     """Builds a registered backbone that takes raw RGB pixels (0-255) and preprocesses them inside.
 
     Args:

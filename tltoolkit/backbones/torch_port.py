@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -33,8 +32,20 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".whl", ".npz")
 TorchNames = dict[str, tuple[str, str]]
 
 
-def conv_bn(x, names: TorchNames, conv: str, bn: str, torch_conv: str, torch_bn: str, filters: int | None, kernel: int,
-            stride: int, padding: str, epsilon: float, momentum: float):
+def conv_bn(
+    x,
+    names: TorchNames,
+    conv: str,
+    bn: str,
+    torch_conv: str,
+    torch_bn: str,
+    filters: int | None,
+    kernel: int,
+    stride: int,
+    padding: str,
+    epsilon: float,
+    momentum: float,
+):
     """A bias-free convolution (depthwise when `filters` is None) and its BatchNormalization, both PyTorch names
     recorded in `names`: the building block every port is made of."""
     from keras import layers

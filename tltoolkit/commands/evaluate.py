@@ -50,24 +50,41 @@ def evaluate(
     items, skipped = labelled_images(data, loaded.class_names)
     for item in skipped:
         _logger.warning("Skipped %s: %s", item.path, item.reason)
-    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, interpolation=loaded.interpolation,
-                        batch_size=batch_size, cache=False)
+    config = DataConfig(
+        image_size=loaded.image_size,
+        resize=loaded.resize,
+        interpolation=loaded.interpolation,
+        batch_size=batch_size,
+        cache=False,
+    )
     probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
     evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
-    _logger.info("Evaluated %d images of %s with %s:\n  %s\n%s", len(items), data, model, scores,
-                 report_text(evaluation, loaded.class_names))  # fmt: skip
+    _logger.info(
+        "Evaluated %d images of %s with %s:\n  %s\n%s",
+        len(items),
+        data,
+        model,
+        scores,
+        report_text(evaluation, loaded.class_names),
+    )
     if log:
         client = MlflowClient()
         if loaded.run_id and not experiment:
             experiment_id = client.get_run(loaded.run_id).info.experiment_id  # Beside the run that trained it.
         else:
             experiment_id = connect(uri, experiment or "tltoolkit")
-        tags = {"tltoolkit.kind": "evaluate", "tltoolkit.model": str(model), "tltoolkit.dataset": Path(data).resolve().name,
-                PROCESS_TAG: process_tag()}  # fmt: skip
+        tags = {
+            "tltoolkit.kind": "evaluate",
+            "tltoolkit.model": str(model),
+            "tltoolkit.dataset": Path(data).resolve().name,
+            PROCESS_TAG: process_tag(),
+        }
         if loaded.run_id:
             tags["tltoolkit.source_run"] = loaded.run_id
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{Path(data).resolve().name}", tags=tags) as run:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"evaluate-{Path(data).resolve().name}", tags=tags
+        ) as run:
             log_evaluation(client, run.info.run_id, evaluation, loaded.class_names, "eval")
             log_skipped_files(client, run.info.run_id, skipped)
             _logger.info("Logged as MLflow run %s.", run.info.run_id)

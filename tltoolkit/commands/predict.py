@@ -7,7 +7,6 @@ the quickest proof that the weights are real.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -48,16 +47,26 @@ def predict(
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     loaded = load_classifier(model)
     images = _readable_images(paths)
-    config = DataConfig(image_size=loaded.image_size, resize=loaded.resize, interpolation=loaded.interpolation,
-                        batch_size=batch_size, cache=False)
+    config = DataConfig(
+        image_size=loaded.image_size,
+        resize=loaded.resize,
+        interpolation=loaded.interpolation,
+        batch_size=batch_size,
+        cache=False,
+    )
     probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
     extra = {}
     if loaded.autoencoder is not None:
         errors = _reconstruction_errors(loaded, image_batches(images, config))
         extra = {"reconstruction_error": errors, "anomaly": errors > loaded.anomaly_threshold}
         flagged = int(extra["anomaly"].sum())
-        _logger.info("Anomaly scores: %d of %d image(s) reconstruct worse than the training images' threshold %.5f "
-                     "(column `anomaly`).", flagged, len(images), loaded.anomaly_threshold)  # fmt: skip
+        _logger.info(
+            "Anomaly scores: %d of %d image(s) reconstruct worse than the training images' threshold %.5f "
+            "(column `anomaly`).",
+            flagged,
+            len(images),
+            loaded.anomaly_threshold,
+        )
     return _top_k_table(images, probabilities, loaded.class_names, top_k, output, extra)
 
 
@@ -67,9 +76,9 @@ def _reconstruction_errors(loaded, batches):
 
     from tltoolkit.model.metrics import reconstruction_error
 
-    return np.concatenate([
-        reconstruction_error(loaded.autoencoder.predict_on_batch(x), x.numpy(), loaded.anomaly_loss) for x in batches
-    ])
+    return np.concatenate(
+        [reconstruction_error(loaded.autoencoder.predict_on_batch(x), x.numpy(), loaded.anomaly_loss) for x in batches]
+    )
 
 
 def predict_imagenet(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -114,10 +114,13 @@ def _load_data(session, data_dir, point) -> None:
     if session.pretraining is not None:
         pretraining = session.pretraining
         _logger.info(
-            "Autoencoder images: %d train, %d held out (%d skipped)%s%s.", len(pretraining.train), len(pretraining.val),
-            len(pretraining.skipped), f" from {pretraining.unlabeled_dir}" if pretraining.unlabeled_dir else "",
+            "Autoencoder images: %d train, %d held out (%d skipped)%s%s.",
+            len(pretraining.train),
+            len(pretraining.val),
+            len(pretraining.skipped),
+            f" from {pretraining.unlabeled_dir}" if pretraining.unlabeled_dir else "",
             ", labelled images' pixels included" if recipe.pretrain.autoencoder.use_labeled else "",
-        )  # fmt: skip
+        )
 
 
 def _resume_key(recipe: Recipe, data_dir, unlabeled=None) -> str:
@@ -169,14 +172,27 @@ def _train(client, experiment_id: str, uri: str, session, key: str, point) -> Ru
         if tracker.parent_id and store is not None and store.paths():
             _logger.warning(
                 "Run %s stopped (%s); marked %s. Its checkpoint is kept in %s.\nResume it with the same command plus "
-                "--resume (or: tltoolkit run ... --resume %s).", tracker.parent_id, type(exc).__name__,
-                "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", store.folder, tracker.parent_id,
-            )  # fmt: skip
+                "--resume (or: tltoolkit run ... --resume %s).",
+                tracker.parent_id,
+                type(exc).__name__,
+                "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                store.folder,
+                tracker.parent_id,
+            )
         raise
     store.remove()
     _report_done(parent_id, experiment, uri, result.metrics)
-    return RunResult(parent_id, experiment_id, uri, tracker.model_uri, session.folder.class_names, result.metrics,
-                     result.stage_runs, result.history, session.training.model)  # fmt: skip
+    return RunResult(
+        parent_id,
+        experiment_id,
+        uri,
+        tracker.model_uri,
+        session.folder.class_names,
+        result.metrics,
+        result.stage_runs,
+        result.history,
+        session.training.model,
+    )
 
 
 def _report_done(run_id: str, experiment: str, uri: str, metrics: dict[str, float]) -> None:
@@ -184,5 +200,11 @@ def _report_done(run_id: str, experiment: str, uri: str, metrics: dict[str, floa
     ui = "tltoolkit ui" if uri == default_tracking_uri() else f"tltoolkit ui --tracking-uri {uri}"
     _logger.info(
         "\nDone. %s\nRun %s in experiment %r, store %s\nSee it in the MLflow UI: %s   (then open http://127.0.0.1:5000)\n"
-        "Predict with it: tltoolkit predict %s <images or folders>", scores, run_id, experiment, uri, ui, run_id,
-    )  # fmt: skip
+        "Predict with it: tltoolkit predict %s <images or folders>",
+        scores,
+        run_id,
+        experiment,
+        uri,
+        ui,
+        run_id,
+    )

@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -75,7 +75,9 @@ def _distribution(distributed: str | None, oracle_address: str | None, worker_id
         return
     if distributed not in ("chief", "worker"):
         raise TltoolkitError(f"--distributed must be `chief` or `worker`, not {distributed!r}.")
-    address = oracle_address or os.environ.get("KERASTUNER_ORACLE_IP", "") + ":" + os.environ.get("KERASTUNER_ORACLE_PORT", "")
+    address = oracle_address or os.environ.get("KERASTUNER_ORACLE_IP", "") + ":" + os.environ.get(
+        "KERASTUNER_ORACLE_PORT", ""
+    )
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise TltoolkitError(
@@ -181,8 +183,14 @@ def _tuner(search: _Search, overwrite: bool, verbose, unlabeled):
     tracker = TrialTracker(search.client, search.experiment_id, search.recipe)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        tuner = RecipeTuner(search.recipe, runner, tracker, directory=str(search.project.parent),
-                            project_name=search.project.name, overwrite=overwrite and search.role == "chief")  # fmt: skip
+        tuner = RecipeTuner(
+            search.recipe,
+            runner,
+            tracker,
+            directory=str(search.project.parent),
+            project_name=search.project.name,
+            overwrite=overwrite and search.role == "chief",
+        )
     tracker.parent_id = _parent_run(search, state)
     return tuner, tracker
 
@@ -192,14 +200,22 @@ def _search_state(search: _Search, overwrite: bool) -> dict:
     from tltoolkit.tuning.space import recipe_fingerprint, space_fingerprint
 
     project, path = search.project, search.state_path
-    if overwrite and search.role == "chief" and project.exists() and not (path.exists() or (project / "oracle.json").exists()):
+    if (
+        overwrite
+        and search.role == "chief"
+        and project.exists()
+        and not (path.exists() or (project / "oracle.json").exists())
+    ):
         raise RecipeError(
             f"--overwrite would delete {project}, which does not hold a search (no {STATE_FILE} or oracle.json). "
             "Set search.directory or search.name to a folder of its own."
         )
     state = {} if overwrite or search.role == "worker" else _read_state(path)
-    fingerprints = {"space": space_fingerprint(search.recipe), "recipe": recipe_fingerprint(search.recipe),
-                    "data": str(Path(search.data_dir).resolve())}  # fmt: skip
+    fingerprints = {
+        "space": space_fingerprint(search.recipe),
+        "recipe": recipe_fingerprint(search.recipe),
+        "data": str(Path(search.data_dir).resolve()),
+    }
     if state and search.role == "chief":
         _check_resumable(state, fingerprints, path, search.uri, search.experiment_id)
     return {**fingerprints, **state}
@@ -220,8 +236,15 @@ def _parent_run(search: _Search, state: dict) -> str:
     else:
         parent_id = start_search_run(client, search.experiment_id, search.recipe, search.data_dir, search.project)
         fingerprints = {key: state[key] for key in ("space", "recipe", "data")}
-        _write_state(search.state_path, {**fingerprints, "parent_run_id": parent_id, "tracking_uri": search.uri,
-                                         "experiment_id": search.experiment_id})  # fmt: skip
+        _write_state(
+            search.state_path,
+            {
+                **fingerprints,
+                "parent_run_id": parent_id,
+                "tracking_uri": search.uri,
+                "experiment_id": search.experiment_id,
+            },
+        )
     experiment = client.get_experiment(search.experiment_id).name
     _logger.info("MLflow parent run %s (search %r) in experiment %r at %s", parent_id, name, experiment, search.uri)
     return parent_id
@@ -236,8 +259,13 @@ def _run_search(search: _Search, tuner) -> None:
         tuner.tracker.end(status)
         if search.role == "chief":
             search.client.set_terminated(tuner.tracker.parent_id, status)
-            _logger.warning("Search stopped (%s). Run the same command again to resume it from %s; MLflow parent run "
-                            "%s will continue.", type(exc).__name__, search.project, tuner.tracker.parent_id)  # fmt: skip
+            _logger.warning(
+                "Search stopped (%s). Run the same command again to resume it from %s; MLflow parent run "
+                "%s will continue.",
+                type(exc).__name__,
+                search.project,
+                tuner.tracker.parent_id,
+            )
         raise
 
 
@@ -262,13 +290,30 @@ def _summarise(search: _Search, tuner, parent_id: str) -> TuneResult:
     log_search_summary(search.client, parent_id, recipe, table, best, best_recipe)
     objective = recipe.search.objective
     shown = table.drop(columns=["run_id"])
-    _logger.info("\nSearch done: %d trial(s) completed in %s.\n%s\nBest: trial %s, %s %.4f, values %s\nBest recipe "
-                 "logged as best_recipe.yaml on run %s; train it with `tltoolkit tune ... --then-run`, or save it and "
-                 "`tltoolkit run` it.", len(completed), project, shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
-                 best.trial_id, objective, best.score, best_values, parent_id)  # fmt: skip
+    _logger.info(
+        "\nSearch done: %d trial(s) completed in %s.\n%s\nBest: trial %s, %s %.4f, values %s\nBest recipe "
+        "logged as best_recipe.yaml on run %s; train it with `tltoolkit tune ... --then-run`, or save it and "
+        "`tltoolkit run` it.",
+        len(completed),
+        project,
+        shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        best.trial_id,
+        objective,
+        best.score,
+        best_values,
+        parent_id,
+    )
     ordered = table.sort_values(objective, ascending=recipe.search.objective_direction == "min", na_position="last")
-    return TuneResult(parent_id, search.experiment_id, uri, best_values, float(best.score), best_recipe,
-                      ordered.reset_index(drop=True), project)  # fmt: skip
+    return TuneResult(
+        parent_id,
+        search.experiment_id,
+        uri,
+        best_values,
+        float(best.score),
+        best_recipe,
+        ordered.reset_index(drop=True),
+        project,
+    )
 
 
 def _then_run(search: _Search, result: TuneResult, experiment, verbose, unlabeled):
@@ -277,11 +322,22 @@ def _then_run(search: _Search, result: TuneResult, experiment, verbose, unlabele
 
     _logger.info("\nTraining the final model from the best recipe (trial %s)...", result.trials.iloc[0]["trial"])
     best = result.best_recipe
-    final = best.model_copy(update={"tracking": best.tracking.model_copy(update={
-        "tags": {**best.tracking.tags, "tltoolkit.tune_run": result.parent_run_id}})})  # fmt: skip
+    final = best.model_copy(
+        update={
+            "tracking": best.tracking.model_copy(
+                update={"tags": {**best.tracking.tags, "tltoolkit.tune_run": result.parent_run_id}}
+            )
+        }
+    )
     experiment_name = experiment or search.recipe.tracking.experiment
-    final_run = run(final, search.data_dir, tracking_uri=search.uri, experiment=experiment_name, verbose=verbose,
-                    unlabeled=unlabeled)  # fmt: skip
+    final_run = run(
+        final,
+        search.data_dir,
+        tracking_uri=search.uri,
+        experiment=experiment_name,
+        verbose=verbose,
+        unlabeled=unlabeled,
+    )
     search.client.set_tag(result.parent_run_id, "tltoolkit.final_run", final_run.run_id)
     return final_run
 
@@ -295,7 +351,8 @@ def _base_trial_recipe(recipe: Recipe) -> Recipe:
 def _check_objective(recipe: Recipe, num_classes: int) -> None:
     if recipe.search.objective == "val_top5_accuracy" and num_classes <= 5:
         raise RecipeError(
-            f"search.objective val_top5_accuracy needs more than 5 classes; the data has {num_classes}. Use val_accuracy."
+            f"search.objective val_top5_accuracy needs more than 5 classes; the data has {num_classes}. "
+            "Use val_accuracy."
         )
 
 
@@ -303,14 +360,17 @@ def _check_freeze_points(recipe: Recipe) -> None:
     """Every searched freeze/unfreeze point exists in every searched backbone: checked on weightless builds."""
     from tltoolkit.backbones import create_backbone
     from tltoolkit.model import check_points
-    from tltoolkit.recipe.space import candidates, lookup, set_values, base_tree
+    from tltoolkit.recipe.space import base_tree, candidates, lookup, set_values
 
     space = recipe.search.space
     tree = base_tree(recipe)
     names = candidates(space["backbone.name"]) if "backbone.name" in space else [recipe.backbone.name]
     sizes = candidates(space["data.image_size"]) if "data.image_size" in space else [recipe.data.image_size]
-    points = {path: candidates(spec) for path, spec in space.items()
-              if path == "backbone.freeze" or (path.startswith("stages.") and path.endswith(".unfreeze"))}  # fmt: skip
+    points = {
+        path: candidates(spec)
+        for path, spec in space.items()
+        if path == "backbone.freeze" or (path.startswith("stages.") and path.endswith(".unfreeze"))
+    }
     named = {path: [v for v in values if isinstance(v, str)] for path, values in points.items()}
     if not any(named.values()) and not any(isinstance(lookup(tree, p), str) for p in points):
         return  # Counts, fractions and keywords are checked against each backbone's depth when the trial builds it.
@@ -322,7 +382,9 @@ def _check_freeze_points(recipe: Recipe) -> None:
                 try:
                     check_points(backbone, trial.backbone.freeze, trial.stages)
                 except TltoolkitError as exc:
-                    raise RecipeError(f"search.space.{path}: the value {value!r} does not fit backbone {name}: {exc}") from None
+                    raise RecipeError(
+                        f"search.space.{path}: the value {value!r} does not fit backbone {name}: {exc}"
+                    ) from None
 
 
 def _read_state(path: Path) -> dict:
@@ -342,8 +404,11 @@ def _write_state(path: Path, state: dict) -> None:
 
 
 def _check_resumable(state: dict, fingerprints: dict, path: Path, uri: str, experiment_id: str) -> None:
-    what = {"space": "search space (paths, ranges, tuner or objective)", "recipe": "recipe outside `search`",
-            "data": "image folder"}  # fmt: skip
+    what = {
+        "space": "search space (paths, ranges, tuner or objective)",
+        "recipe": "recipe outside `search`",
+        "data": "image folder",
+    }
     changed = [what[key] for key in what if state.get(key) != fingerprints[key]]
     if changed:
         raise RecipeError(
@@ -353,6 +418,6 @@ def _check_resumable(state: dict, fingerprints: dict, path: Path, uri: str, expe
     if state.get("tracking_uri") != uri or state.get("experiment_id") != experiment_id:
         raise RecipeError(
             f"The search in {path.parent} logs to {state.get('tracking_uri')} (experiment id "
-            f"{state.get('experiment_id')}); resume it with the same --tracking-uri and --experiment, or pass --overwrite."
+            f"{state.get('experiment_id')}); resume it with the same --tracking-uri and --experiment, or pass "
+            "--overwrite."
         )
-

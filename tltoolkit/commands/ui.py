@@ -37,7 +37,9 @@ def ui_command(
     return command
 
 
-def ui(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, allowed_hosts: str | None = None) -> int:
+def ui(
+    tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, allowed_hosts: str | None = None
+) -> int:
     """Runs the MLflow UI until interrupted; returns its exit status."""
     command = ui_command(tracking_uri, host, port, allowed_hosts)
     _logger.info("MLflow UI for %s at http://%s:%s (Ctrl-C stops it)", command[5], host, port)

@@ -25,13 +25,18 @@ def build_classifier(backbone: keras.Model, class_names: list[str], head: HeadCo
     regularizer = keras.regularizers.L1L2(l1=head.l1, l2=head.l2) if (head.l1 or head.l2) else None
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     x = InferenceMode(backbone, name="backbone")(inputs)
-    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D,
-            "flatten": keras.layers.Flatten}[head.pooling]  # fmt: skip
+    pool = {
+        "avg": keras.layers.GlobalAveragePooling2D,
+        "max": keras.layers.GlobalMaxPooling2D,
+        "flatten": keras.layers.Flatten,
+    }[head.pooling]
     x = pool(name="pool")(x)
     for index, width in enumerate(head.dense):
         if head.dropout:
             x = keras.layers.Dropout(head.dropout, name=f"head_dropout{index}")(x)
-        x = keras.layers.Dense(width, activation=head.activation, kernel_regularizer=regularizer, name=f"head_dense{index}")(x)
+        x = keras.layers.Dense(
+            width, activation=head.activation, kernel_regularizer=regularizer, name=f"head_dense{index}"
+        )(x)
     if head.dropout:
         x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
     outputs = Classifier(class_names, kernel_regularizer=regularizer, name="predictions")(x)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -120,7 +121,8 @@ def _apply(raw: dict, keys: list[str], value: Any, override: str) -> None:
             hint = difflib.get_close_matches(key, sorted(known), n=1)
             fix = f" Did you mean `{'.'.join(keys[:depth] + hint)}`?" if hint else ""
             raise RecipeError(
-                f"Override {override!r}: the recipe has no field `{where}`.{fix} Fields here: {', '.join(sorted(known))}."
+                f"Override {override!r}: the recipe has no field `{where}`.{fix} "
+                f"Fields here: {', '.join(sorted(known))}."
             )
         default = default.get(key) if isinstance(default, dict) else None
         if last:

@@ -40,7 +40,9 @@ def _check_layer_point(value: Any, *, what: str, words: tuple[str, ...]) -> Any:
         return value
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
-            raise ValueError(f"{what} as a fraction of the backbone's layers must be in (0, 1]; use an integer for a count")
+            raise ValueError(
+                f"{what} as a fraction of the backbone's layers must be in (0, 1]; use an integer for a count"
+            )
         return value
     if isinstance(value, str) and value.strip():
         return value.strip()
@@ -102,7 +104,8 @@ class BackboneConfig(_Section):
 
 class HeadConfig(_Section):
     pooling: Literal["avg", "max", "flatten"] = Field(
-        "avg", description="`avg`/`max`: global pooling; `flatten`: keep where features are (small maps: an autoencoder's)."
+        "avg",
+        description="`avg`/`max`: global pooling; `flatten`: keep where features are (small maps: an autoencoder's).",
     )
     dense: list[int] = Field(default_factory=list, description="Widths of hidden dense layers, e.g. [256].")
     activation: Literal["relu", "gelu", "silu", "swish", "elu", "selu", "tanh", "leaky_relu"] = "relu"
@@ -196,11 +199,16 @@ class AutoencoderConfig(_Section):
     """A (denoising) convolutional autoencoder trained on unlabelled images; its encoder becomes the backbone."""
 
     encoder: str = Field(
-        "conv", description="`conv` (blocks of `widths`, then a 1x1 conv to `latent` channels) or a registered "
+        "conv",
+        description="`conv` (blocks of `widths`, then a 1x1 conv to `latent` channels) or a registered "
         "backbone name, built with `weights: none`, followed by the same 1x1 latent conv.",
-    )  # fmt: skip
-    widths: list[int] = Field([32, 64, 128], min_length=1, max_length=8, description="`conv`: channels per block "
-                              "(each halves the image side); the depth is their count.")  # fmt: skip
+    )
+    widths: list[int] = Field(
+        [32, 64, 128],
+        min_length=1,
+        max_length=8,
+        description="`conv`: channels per block (each halves the image side); the depth is their count.",
+    )
     latent: int = Field(64, ge=1, le=4096, description="Channels of the bottleneck feature map.")
     noise: Literal["none", "gaussian", "masking"] = Field("gaussian", description="Denoising corruption of inputs.")
     sigma: float = Field(0.1, ge=0.0, le=1.0, description="`gaussian`: noise std, as a fraction of the 0-255 range.")
@@ -211,16 +219,22 @@ class AutoencoderConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     val_split: float = Field(0.1, gt=0.0, lt=1.0, description="Unlabelled images held out to score reconstruction.")
     use_labeled: bool = Field(True, description="The labelled training images' pixels join the unlabelled ones.")
-    joint: bool = Field(False, description="No separate pretraining: every stage trains classification and "
-                        "reconstruction together, reconstruction an auxiliary loss.")  # fmt: skip
+    joint: bool = Field(
+        False,
+        description="No separate pretraining: every stage trains classification and "
+        "reconstruction together, reconstruction an auxiliary loss.",
+    )
     joint_weight: float = Field(1.0, ge=0.0, description="`joint`: the reconstruction loss's weight at the start.")
     joint_decay: Literal["none", "linear", "cosine"] = Field(
         "linear", description="`joint`: how that weight falls to zero over all stages' epochs (`none`: stays)."
     )
     anomaly_percentile: float = Field(
-        99.0, gt=0.0, le=100.0, description="Reconstruction errors above this percentile of the training images' "
+        99.0,
+        gt=0.0,
+        le=100.0,
+        description="Reconstruction errors above this percentile of the training images' "
         "are flagged as anomalies by `predict`.",
-    )  # fmt: skip
+    )
 
     @field_validator("encoder")
     @classmethod
@@ -338,7 +352,9 @@ class SearchConfig(_Section):
         if self.tuner == "grid":
             open_ended = [path for path, hp in self.space.items() if hp.type == "float" and hp.step is None]
             if open_ended:
-                raise ValueError(f"a grid search needs a `step` for every float hyperparameter; add one to {open_ended}")
+                raise ValueError(
+                    f"a grid search needs a `step` for every float hyperparameter; add one to {open_ended}"
+                )
         return self
 
 

@@ -90,11 +90,14 @@ def check_space(recipe: Recipe) -> None:
     base = base_tree(recipe)
     for path, spec in recipe.search.space.items():
         if path.split(".")[0] in ("search", "tracking", "name"):
-            raise ValueError(f"search.space.`{path}`: cannot be searched; search data, backbone, head, stages or seed fields")
+            raise ValueError(
+                f"search.space.`{path}`: cannot be searched; search data, backbone, head, stages or seed fields"
+            )
         current = lookup(base, path)
         if isinstance(current, dict):
             raise ValueError(
-                f"search.space.`{path}`: a section, not a field; name one of its fields ({', '.join(_fields(current))})."
+                f"search.space.`{path}`: a section, not a field; name one of its fields "
+                f"({', '.join(_fields(current))})."
             )
         _check_default(path, spec, current)
         for value in candidates(spec):

@@ -1,10 +1,10 @@
 """Stages: one training session runs a plan of stages; each sets what trains, compiles its optimizer and fits."""
 
+from tltoolkit.stages.callbacks import StageRun
 from tltoolkit.stages.features import CACHE, FeatureCache, FeatureSource
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.optimizers import build_optimizer, current_learning_rate, learning_rate_schedule
 from tltoolkit.stages.runner import ClassifierOutcome, compile_for_stage, fit_stage
-from tltoolkit.stages.callbacks import StageRun
 from tltoolkit.stages.session import (
     PlannedStage,
     SessionOptions,

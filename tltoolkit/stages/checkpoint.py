@@ -6,9 +6,9 @@ early-stopping bookkeeping and tracking run ids must come back together, and a k
 half a file.
 
 A checkpoint is one `.npz` file: a JSON `TrainingState` (where the training is: stage, epoch, every epoch's logs so
-far, the tracking run ids, early-stopping bookkeeping; versioned by `LAYOUT`) and groups of arrays: `model` (every variable of the classifier,
-BatchNormalization statistics and dropout seed states included), `optimizer` (its step, moments and velocities) and
-`best` (early stopping's best weights). It is written to a temporary file in the same folder, flushed to disk and
+far, the tracking run ids, early-stopping bookkeeping; versioned by `LAYOUT`) and groups of arrays: `model` (every
+variable of the classifier, BatchNormalization statistics and dropout seed states included), `optimizer` (its step,
+moments and velocities) and `best` (early stopping's best weights). It is written to a temporary file in the same folder, flushed to disk and
 renamed over its final name, so a kill at any instant leaves either the old file or the new one, never half of one.
 The newest `keep` files are kept; when the newest cannot be read (a disk fault, a copy cut short), loading warns and
 falls back to the one before.
@@ -202,9 +202,7 @@ def variable_values(variables) -> list[np.ndarray]:
 def restore_variables(variables, values: list[np.ndarray], what: str, path: Path | None) -> None:
     """Assigns saved values to `variables` in order, after checking that they fit one to one."""
     variables = list(variables)
-    mismatch = len(variables) != len(values) or any(
-        tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values)
-    )
+    mismatch = len(variables) != len(values) or any(tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values))
     if mismatch:
         raise ResumeError(
             f"Checkpoint {path} holds {len(values)} {what} arrays that do not fit this training's {len(variables)} "
@@ -239,8 +237,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         stopper: The stage's early stopping, if any.
     """
 
-    def __init__(self, store: CheckpointStore, classifier: keras.Model, state: TrainingState, rows: list[dict],
-                 stopper=None):  # fmt: skip
+    def __init__(
+        self, store: CheckpointStore, classifier: keras.Model, state: TrainingState, rows: list[dict], stopper=None
+    ):
         super().__init__()
         self.store, self.classifier, self.state, self.rows, self.stopper = store, classifier, state, rows, stopper
 
@@ -252,10 +251,15 @@ class CheckpointCallback(keras.callbacks.Callback):
         stopper = None
         if self.stopper is not None:
             best = self.stopper.best
-            stopper = StopperState(self.stopper.wait, None if best is None else float(best), self.stopper.best_epoch,
-                                   self.stopper.stopped_epoch)  # fmt: skip
+            stopper = StopperState(
+                self.stopper.wait,
+                None if best is None else float(best),
+                self.stopper.best_epoch,
+                self.stopper.stopped_epoch,
+            )
             if self.stopper.best_weights is not None:
                 arrays["best"] = [np.asarray(w) for w in self.stopper.best_weights]
-        state = replace(self.state, epoch=epoch, rows=list(self.rows), stopped=bool(self.model.stop_training),
-                        stopper=stopper)  # fmt: skip
+        state = replace(
+            self.state, epoch=epoch, rows=list(self.rows), stopped=bool(self.model.stop_training), stopper=stopper
+        )
         self.store.save(state, arrays)

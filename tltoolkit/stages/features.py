@@ -11,8 +11,8 @@ full model would: same batches in the same order, same weights, same updates.
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -136,8 +136,16 @@ class FeatureSource:
             return "augmentation runs before the frozen layers"
         return None
 
-    def inputs(self, model: keras.Model, backbone: keras.Model, frozen: int, verbose: bool = True, stream: int = 0,
-               first_epoch: int = 0, last_epoch: int = 1) -> CachedInputs | None:  # fmt: skip
+    def inputs(
+        self,
+        model: keras.Model,
+        backbone: keras.Model,
+        frozen: int,
+        verbose: bool = True,
+        stream: int = 0,
+        first_epoch: int = 0,
+        last_epoch: int = 1,
+    ) -> CachedInputs | None:
         """Cached features and the top model for a stage whose first `frozen` backbone layers are frozen, or `None`.
 
         `stream`, `first_epoch` and `last_epoch` are those of the stage's `TrainingBatches.epochs`, so batches match.
@@ -151,13 +159,22 @@ class FeatureSource:
         if total > MAX_BYTES:
             _logger.info(
                 "Feature cache: %.1f GiB of features at this cut exceed the %.0f GiB limit "
-                "(TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.", total / 2**30, MAX_BYTES / 2**30
+                "(TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.",
+                total / 2**30,
+                MAX_BYTES / 2**30,
             )
             return None
         key = (
-            data_digest(self.parts["train"]), data_digest(self.parts["val"]), backbone.name, self.weights_label,
-            prefix_digest(backbone, frozen), self.data.image_size, self.data.resize, self.data.interpolation, frozen,
-        )  # fmt: skip
+            data_digest(self.parts["train"]),
+            data_digest(self.parts["val"]),
+            backbone.name,
+            self.weights_label,
+            prefix_digest(backbone, frozen),
+            self.data.image_size,
+            self.data.resize,
+            self.data.interpolation,
+            frozen,
+        )
         above = "head" if whole else backbone.layers[frozen].name
 
         def compute():
@@ -169,8 +186,13 @@ class FeatureSource:
 
         features = self.cache.get(key, compute)
         top = _top_model(model, backbone, cut, whole)
-        train = _feature_dataset(features["train"], self.parts["train"], self.num_classes, self.data.batch_size,
-                                 (self.seed, stream, first_epoch, last_epoch))  # fmt: skip
+        train = _feature_dataset(
+            features["train"],
+            self.parts["train"],
+            self.num_classes,
+            self.data.batch_size,
+            (self.seed, stream, first_epoch, last_epoch),
+        )
         val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
         return CachedInputs(top, train, val, above)
 
@@ -227,6 +249,6 @@ def _top_model(model: keras.Model, backbone: keras.Model, cut: list, whole: bool
         suffix = keras.Model(cut, backbone.output, name=f"{backbone.name}_suffix")
         x = InferenceMode(suffix, name="backbone_suffix")(inputs[0] if len(inputs) == 1 else inputs)
     names = [layer.name for layer in model.layers]
-    for layer in model.layers[names.index("backbone") + 1:]:
+    for layer in model.layers[names.index("backbone") + 1 :]:
         x = layer(x)
     return keras.Model(inputs[0] if len(inputs) == 1 else inputs, x, name=f"{model.name}_top")

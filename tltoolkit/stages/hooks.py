@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 class TrainingHooks:
     """No-op hooks: subclass and override what you record (see `tltoolkit.tracking.hooks`)."""
 
-    def on_stage_begin(self, session: TrainingSession, stage: PlannedStage, run_id: str | None,
-                       resume: StageResume | None) -> str | None:  # fmt: skip
+    def on_stage_begin(
+        self, session: TrainingSession, stage: PlannedStage, run_id: str | None, resume: StageResume | None
+    ) -> str | None:
         """A stage starts (or resumes, with `resume`). `run_id` is what this hook returned for the stage before a
         kill (kept in the checkpoint); return an id to keep for it now, or `None`."""
         return run_id
@@ -35,4 +36,3 @@ class TrainingHooks:
 
     def on_session_failed(self, session: TrainingSession, error: BaseException) -> None:
         """The session stops with `error` (a `KeyboardInterrupt` for Ctrl-C or SIGTERM); it is raised again after."""
-

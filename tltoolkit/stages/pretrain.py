@@ -68,16 +68,29 @@ class Pretraining:
     unlabeled_dir: str | None
 
 
-def prepare_pretraining(recipe, encoder: keras.Model, labelled_train: list[Item], unlabeled: str | Path | None,
-                        seed: int, progress: bool = True) -> Pretraining:  # fmt: skip
+def prepare_pretraining(
+    recipe,
+    encoder: keras.Model,
+    labelled_train: list[Item],
+    unlabeled: str | Path | None,
+    seed: int,
+    progress: bool = True,
+) -> Pretraining:
     """The autoencoder around `encoder` and the images it trains on (see `unlabeled_items`)."""
     config = recipe.pretrain.autoencoder
     train, val, skipped = unlabeled_items(unlabeled, labelled_train, config, seed, progress)
-    return Pretraining(build_autoencoder(encoder, config, seed), train, val, skipped, str(unlabeled) if unlabeled else None)
+    return Pretraining(
+        build_autoencoder(encoder, config, seed), train, val, skipped, str(unlabeled) if unlabeled else None
+    )
 
 
-def unlabeled_items(unlabeled: str | Path | None, labelled_train: list[Item], config: AutoencoderConfig,
-                    seed: int, progress: bool = True):  # fmt: skip
+def unlabeled_items(
+    unlabeled: str | Path | None,
+    labelled_train: list[Item],
+    config: AutoencoderConfig,
+    seed: int,
+    progress: bool = True,
+):
     """The autoencoder's images: the unlabelled folder's (checked like any scan), plus the labelled training
     images' pixels when `use_labeled`; split into train and validation (`val_split`, seeded).
 
@@ -114,16 +127,23 @@ def _targets(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 def autoencoder_data(config: AutoencoderConfig, data: DataConfig) -> DataConfig:
     """The data settings the autoencoder reads with: the recipe's size and resizing, its own batch, no augmentation."""
-    return data.model_copy(update={"batch_size": config.batch_size, "augment": data.augment.model_copy(
-        update={"flip": "none", "rotation": 0.0, "zoom": 0.0, "contrast": 0.0, "translation": 0.0})})  # fmt: skip
+    return data.model_copy(
+        update={
+            "batch_size": config.batch_size,
+            "augment": data.augment.model_copy(
+                update={"flip": "none", "rotation": 0.0, "zoom": 0.0, "contrast": 0.0, "translation": 0.0}
+            ),
+        }
+    )
 
 
 def reconstruction_loss(name: str):
     return keras.losses.MeanSquaredError() if name == "mse" else keras.losses.MeanAbsoluteError()
 
 
-def fit_autoencoder(pretraining: Pretraining, config: AutoencoderConfig, data: DataConfig, seed: int,
-                    run: StageRun) -> pd.DataFrame:  # fmt: skip
+def fit_autoencoder(
+    pretraining: Pretraining, config: AutoencoderConfig, data: DataConfig, seed: int, run: StageRun
+) -> pd.DataFrame:
     """Trains the autoencoder, then recalibrates its BatchNormalization statistics (`recalibrate_batchnorm`);
     returns one row per epoch (`loss`, `val_loss`, `learning_rate`). `run` says how (resume, checkpoints, callbacks;
     its `stage` is unused: the epochs are `config.epochs`)."""
@@ -144,16 +164,27 @@ def fit_autoencoder(pretraining: Pretraining, config: AutoencoderConfig, data: D
         callbacks.append(CheckpointCallback(run.checkpoints, model, run.state, rows))
     _logger.info(
         "Stage 'pretrain': autoencoder (%s encoder, latent %d, %s noise, %s) on %d images (%d held out), %d epoch(s), "
-        "%s parameters%s", config.encoder, config.latent, config.noise, config.loss, len(pretraining.train),
-        len(pretraining.val), config.epochs, f"{model.count_params():,}",
+        "%s parameters%s",
+        config.encoder,
+        config.latent,
+        config.noise,
+        config.loss,
+        len(pretraining.train),
+        len(pretraining.val),
+        config.epochs,
+        f"{model.count_params():,}",
         f"; resuming at epoch {first + 1}." if run.resume else ".",
-    )  # fmt: skip
+    )
     model.fit(
         _targets(batches.epochs(PRETRAIN_STREAM, first, config.epochs)),
-        validation_data=_targets(image_dataset(pretraining.val, 1, data)), epochs=last, initial_epoch=first,
-        steps_per_epoch=batches.steps_per_epoch, callbacks=[*callbacks, *run.callbacks], shuffle=False,
+        validation_data=_targets(image_dataset(pretraining.val, 1, data)),
+        epochs=last,
+        initial_epoch=first,
+        steps_per_epoch=batches.steps_per_epoch,
+        callbacks=[*callbacks, *run.callbacks],
+        shuffle=False,
         verbose=fit_verbosity(run.verbose),
-    )  # fmt: skip
+    )
     recalibrate_batchnorm(autoencoder, pretraining.train, data)
     return pd.DataFrame(rows, columns=["epoch"] if not rows else None)
 
@@ -166,7 +197,9 @@ def recalibrate_batchnorm(autoencoder: Autoencoder, items: list[Item], data: Dat
     is a backbone it runs in inference mode, on those averages. A cumulative mean over a pass of clean images gives
     it the statistics of the images it will see. Returns the number of batches used.
     """
-    layers = [layer for layer in autoencoder.scorer._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [
+        layer for layer in autoencoder.scorer._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     if not layers:
         return 0
     saved = [layer.momentum for layer in layers]
@@ -186,7 +219,9 @@ def reconstruction_errors(scorer: keras.Model, items: list[Item], data: DataConf
     """Each image's reconstruction error: the mean squared (`mse`) or absolute (`mae`) pixel error, pixels in [0, 1]."""
     from tltoolkit.model.metrics import reconstruction_error
 
-    errors = [reconstruction_error(scorer.predict_on_batch(x), x.numpy(), loss) for x, _ in image_dataset(items, 1, data)]
+    errors = [
+        reconstruction_error(scorer.predict_on_batch(x), x.numpy(), loss) for x, _ in image_dataset(items, 1, data)
+    ]
     return np.concatenate(errors) if errors else np.zeros(0)
 
 

@@ -74,8 +74,11 @@ def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
     else:
         first, last = run.epochs()
         features = training.features
-        cached = features.inputs(training.model, backbone, frozen, run.verbose != 0, run.stream, first, last) if (
-            features is not None) else None  # fmt: skip
+        cached = (
+            features.inputs(training.model, backbone, frozen, run.verbose != 0, run.stream, first, last)
+            if (features is not None)
+            else None
+        )
         fit = _cached(training, run, cached) if cached else _plain(training, run)
     return _fit(training, run, summary, fit)
 
@@ -84,16 +87,32 @@ def _plain(training: Training, run: StageRun) -> _Fit:
     first, last = run.epochs()
     val = training.eval["val"]
     compile_for_stage(training.model, training.recipe, run.stage, training.train.steps_per_epoch)
-    return _Fit(training.model, training.train.epochs(run.stream, first, last), val, training.train.steps_per_epoch,
-                training.model, val, training.class_weight)  # fmt: skip
+    return _Fit(
+        training.model,
+        training.train.epochs(run.stream, first, last),
+        val,
+        training.train.steps_per_epoch,
+        training.model,
+        val,
+        training.class_weight,
+    )
 
 
 def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
     steps = training.train.steps_per_epoch
     # On cached features a step is tiny, so a whole epoch runs per compiled call.
     compile_for_stage(cached.model, training.recipe, run.stage, steps, steps_per_execution=steps)
-    return _Fit(cached.model, cached.train, cached.val, steps, cached.model, cached.val, training.class_weight,
-                note=f", on cached features below `{cached.cut}`", cached_above=cached.cut)  # fmt: skip
+    return _Fit(
+        cached.model,
+        cached.train,
+        cached.val,
+        steps,
+        cached.model,
+        cached.val,
+        training.class_weight,
+        note=f", on cached features below `{cached.cut}`",
+        cached_above=cached.cut,
+    )
 
 
 def _joint(training: Training, run: StageRun) -> _Fit:
@@ -107,9 +126,17 @@ def _joint(training: Training, run: StageRun) -> _Fit:
     outputs = [tensor._keras_history.operation.name.split("/")[0] for tensor in joint.model.outputs]
     val = training.eval["val"]
     note = f", with reconstruction (weight {joint.weight_at(run.epoch_offset):g} decaying {joint.config.joint_decay})"
-    return _Fit(joint.model, joint.with_targets(joint.train.epochs(run.stream, *first_last)), joint.with_targets(val),
-                steps, training.model, val, None,  # Keras weighs classes of one output only.
-                [_JointEpochs(joint, run.epoch_offset, outputs)], note)  # fmt: skip
+    return _Fit(
+        joint.model,
+        joint.with_targets(joint.train.epochs(run.stream, *first_last)),
+        joint.with_targets(val),
+        steps,
+        training.model,
+        val,
+        None,  # Keras weighs classes of one output only.
+        [_JointEpochs(joint, run.epoch_offset, outputs)],
+        note,
+    )
 
 
 def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit) -> ClassifierOutcome:
@@ -125,32 +152,53 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
         callbacks.append(CheckpointCallback(run.checkpoints, training.checkpoint_model, run.state, rows, stopper))
     _describe(training, run, summary, fit.note)
     fit.model.fit(
-        fit.train, validation_data=fit.val, epochs=last, initial_epoch=first, steps_per_epoch=fit.steps,
-        class_weight=fit.class_weight, callbacks=[*callbacks, *run.callbacks], shuffle=False,  # The stream's order.
+        fit.train,
+        validation_data=fit.val,
+        epochs=last,
+        initial_epoch=first,
+        steps_per_epoch=fit.steps,
+        class_weight=fit.class_weight,
+        callbacks=[*callbacks, *run.callbacks],
+        shuffle=False,  # The stream's order.
         verbose=fit_verbosity(run.verbose),
-    )  # fmt: skip
+    )
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
-    return ClassifierOutcome(history, summary, best, bool(stopper and stopper.stopped_epoch), fit.cached_above,
-                             fit.eval_model, fit.eval_data)  # fmt: skip
+    return ClassifierOutcome(
+        history, summary, best, bool(stopper and stopper.stopped_epoch), fit.cached_above, fit.eval_model, fit.eval_data
+    )
 
 
 def _early_stopping(run: StageRun) -> ResumableEarlyStopping | None:
     es = run.stage.early_stopping
     if es is None:
         return None
-    return ResumableEarlyStopping(monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
-                                  restore_best_weights=es.restore_best_weights, verbose=1, resume=run.resume)  # fmt: skip
+    return ResumableEarlyStopping(
+        monitor=es.monitor,
+        patience=es.patience,
+        min_delta=es.min_delta,
+        restore_best_weights=es.restore_best_weights,
+        verbose=1,
+        resume=run.resume,
+    )
 
 
 def _describe(training: Training, run: StageRun, summary: TrainableSummary, note: str) -> None:
     stage = run.stage
     _logger.info(
         "Stage %r: %d epoch(s), %d backbone layer(s) training (first %d of %d frozen), %s trainable parameters, "
-        "%s lr=%g%s%s", stage.name, stage.epochs, summary.trainable_layers, summary.frozen_layers,
-        len(training.backbone.layers), f"{summary.trainable_params:,}", stage.optimizer.name,
-        stage.optimizer.learning_rate, note, f"; resuming at epoch {run.resume.first_epoch + 1}." if run.resume else ".",
-    )  # fmt: skip
+        "%s lr=%g%s%s",
+        stage.name,
+        stage.epochs,
+        summary.trainable_layers,
+        summary.frozen_layers,
+        len(training.backbone.layers),
+        f"{summary.trainable_params:,}",
+        stage.optimizer.name,
+        stage.optimizer.learning_rate,
+        note,
+        f"; resuming at epoch {run.resume.first_epoch + 1}." if run.resume else ".",
+    )
 
 
 def compile_for_stage(
@@ -194,8 +242,11 @@ class _JointEpochs(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        renames = {f"{self.classes}_accuracy": "accuracy", f"{self.classes}_loss": "classification_loss",
-                   f"{self.reconstruction}_loss": "reconstruction_loss"}  # fmt: skip
+        renames = {
+            f"{self.classes}_accuracy": "accuracy",
+            f"{self.classes}_loss": "classification_loss",
+            f"{self.reconstruction}_loss": "reconstruction_loss",
+        }
         for prefix in ("", "val_"):
             for old, new in renames.items():
                 if f"{prefix}{old}" in logs:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import keras
 import pandas as pd
@@ -32,8 +32,14 @@ from tltoolkit.model import check_points
 from tltoolkit.model.metrics import Evaluation, evaluate_items
 from tltoolkit.recipe import Recipe, StageConfig
 from tltoolkit.stages.callbacks import HookEpochs, StageRun
-from tltoolkit.stages.checkpoint import Checkpoint, CheckpointStore, StageResume, TrainingState, restore_variables
-from tltoolkit.stages.checkpoint import variable_values
+from tltoolkit.stages.checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    StageResume,
+    TrainingState,
+    restore_variables,
+    variable_values,
+)
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import PRETRAIN_STREAM, Pretraining, fit_autoencoder, prepare_pretraining
 from tltoolkit.stages.runner import ClassifierOutcome, fit_stage
@@ -90,7 +96,9 @@ class SessionResult:
     @property
     def metrics(self) -> dict[str, float]:
         """`<part>_<metric>`, e.g. `val_accuracy`, `test_loss`."""
-        return {f"{part}_{k}": v for part, evaluation in self.evaluations.items() for k, v in evaluation.metrics.items()}
+        return {
+            f"{part}_{k}": v for part, evaluation in self.evaluations.items() for k, v in evaluation.metrics.items()
+        }
 
 
 @dataclass
@@ -130,8 +138,12 @@ class TrainingSession:
         backbones: Builds the recipe's backbone (a search passes one that reuses backbones across trials).
     """
 
-    def __init__(self, recipe: Recipe, options: SessionOptions | None = None,
-                 backbones: Callable[[Recipe], keras.Model] = backbone_for):  # fmt: skip
+    def __init__(
+        self,
+        recipe: Recipe,
+        options: SessionOptions | None = None,
+        backbones: Callable[[Recipe], keras.Model] = backbone_for,
+    ):
         self.recipe, self.options = recipe, options or SessionOptions()
         self.seed = recipe.seed if self.options.seed is None else self.options.seed
         self.plan = plan_stages(recipe)
@@ -158,13 +170,19 @@ class TrainingSession:
         self.folder, unlabeled = folder, self.options.unlabeled or self.recipe.data.unlabeled
         with self.scope():
             if self.recipe.pretrain is not None:
-                self.pretraining = prepare_pretraining(self.recipe, self.backbone, folder.parts["train"], unlabeled,
-                                                       self.seed, self.options.progress)  # fmt: skip
+                self.pretraining = prepare_pretraining(
+                    self.recipe, self.backbone, folder.parts["train"], unlabeled, self.seed, self.options.progress
+                )
             self.training = prepare_training(self.recipe, folder, self.backbone, self.seed, self.pretraining)
         return self
 
-    def run(self, hooks: TrainingHooks | None = None, checkpoints: CheckpointStore | None = None,
-            state: TrainingState | None = None, resume: Checkpoint | None = None) -> SessionResult:  # fmt: skip
+    def run(
+        self,
+        hooks: TrainingHooks | None = None,
+        checkpoints: CheckpointStore | None = None,
+        state: TrainingState | None = None,
+        resume: Checkpoint | None = None,
+    ) -> SessionResult:
         """Runs the stage plan, or what is left of it after `resume`, and scores the final model.
 
         Args:
@@ -199,17 +217,38 @@ class TrainingSession:
         if resume is None or stage.index != resume.state.stage or resume.state.epoch < 0:
             return None
         saved = resume.state
-        return StageResume(saved.epoch + 1, saved.rows, resume.arrays.get("optimizer", []), saved.stopper,
-                           resume.arrays.get("best"), saved.stopped, resume.path)  # fmt: skip
+        return StageResume(
+            saved.epoch + 1,
+            saved.rows,
+            resume.arrays.get("optimizer", []),
+            saved.stopper,
+            resume.arrays.get("best"),
+            saved.stopped,
+            resume.path,
+        )
 
-    def _run_stage(self, stage: PlannedStage, state: TrainingState, hooks: TrainingHooks,
-                   checkpoints: CheckpointStore | None, resume: StageResume | None) -> TrainingState:  # fmt: skip
+    def _run_stage(
+        self,
+        stage: PlannedStage,
+        state: TrainingState,
+        hooks: TrainingHooks,
+        checkpoints: CheckpointStore | None,
+        resume: StageResume | None,
+    ) -> TrainingState:
         """One stage between its hooks; returns the state after it (checkpointed)."""
         run_id = hooks.on_stage_begin(self, stage, state.stage_runs.get(str(stage.index)), resume)
         if run_id is not None:
             state = replace(state, stage_runs={**state.stage_runs, str(stage.index): run_id})
-        run = StageRun(stage.config, stage.stream, stage.epoch_offset, resume, checkpoints,
-                       replace(state, stage=stage.index), [HookEpochs(hooks, stage)], self.options.verbose)  # fmt: skip
+        run = StageRun(
+            stage.config,
+            stage.stream,
+            stage.epoch_offset,
+            resume,
+            checkpoints,
+            replace(state, stage=stage.index),
+            [HookEpochs(hooks, stage)],
+            self.options.verbose,
+        )
         with self.scope():
             outcome = self._fit_pretrain(stage, run) if stage.kind == PRETRAIN else self._fit_classifier(stage, run)
         hooks.on_stage_end(self, stage, outcome)
@@ -234,10 +273,13 @@ class TrainingSession:
     def _finish(self, state: TrainingState) -> SessionResult:
         """Every classifier epoch in one table, and the final model scored on each part."""
         history = pd.concat(
-            [pd.DataFrame(rows).assign(stage=self.plan[i].name) for i, rows in enumerate(state.histories)
-             if self.plan[i].kind == CLASSIFIER],
+            [
+                pd.DataFrame(rows).assign(stage=self.plan[i].name)
+                for i, rows in enumerate(state.histories)
+                if self.plan[i].kind == CLASSIFIER
+            ],
             ignore_index=True,
-        )  # fmt: skip
+        )
         evaluations = {}
         for part, batches in self.training.eval.items():
             if self.options.final_parts is not None and part not in self.options.final_parts:

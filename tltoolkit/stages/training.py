@@ -82,7 +82,9 @@ def _masked_crossentropy(label_smoothing: float):
     return loss
 
 
-def prepare_training(recipe: Recipe, folder, backbone: keras.Model, seed: int | None = None, pretraining=None) -> Training:
+def prepare_training(
+    recipe: Recipe, folder, backbone: keras.Model, seed: int | None = None, pretraining=None
+) -> Training:
     """Builds the classifier on `backbone` and the pipelines its stages train and score on.
 
     Args:
@@ -138,5 +140,7 @@ def class_weights(head: HeadConfig, labels: list[int], class_names: list[str]) -
         return {int(c): float(w) for c, w in zip(classes, weights)}
     unknown = sorted(set(head.class_weight) - set(class_names))
     if unknown:
-        raise DataError(f"head.class_weight names classes {unknown} that the data lacks; its classes are {class_names}.")
+        raise DataError(
+            f"head.class_weight names classes {unknown} that the data lacks; its classes are {class_names}."
+        )
     return {index: float(head.class_weight.get(name, 1.0)) for index, name in enumerate(class_names)}

@@ -44,20 +44,26 @@ class KerasClassifierModel(PythonModel):
 class LoadedClassifier:
     """A classifier ready to predict, with what it needs to read images as it was trained."""
 
-    model: "keras.Model"  # noqa: F821
+    model: keras.Model  # noqa: F821
     class_names: list[str]
     image_size: int
     resize: str
     source: str  # What the user pointed at.
     run_id: str | None = None  # The MLflow run that produced it, when known.
     interpolation: str = "antialiased"  # Models logged before the option existed were trained antialiased.
-    autoencoder: "keras.Model | None" = None  # noqa: F821  (autoencoder recipes: scores reconstruction error)
+    autoencoder: keras.Model | None = None  # noqa: F821  (autoencoder recipes: scores reconstruction error)
     anomaly_threshold: float | None = None  # Errors above it are flagged (a percentile of the training images').
     anomaly_loss: str = "mse"
 
 
-def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str, interpolation: str = "antialiased",
-                   anomaly: dict | None = None) -> str:  # fmt: skip
+def log_classifier(
+    model,
+    class_names: list[str],
+    resize: str,
+    recipe_yaml: str,
+    interpolation: str = "antialiased",
+    anomaly: dict | None = None,
+) -> str:
     """Logs `model` to the active run as an MLflow pyfunc model named `model`; returns its model URI.
 
     Args:
@@ -88,8 +94,13 @@ def log_classifier(model, class_names: list[str], resize: str, recipe_yaml: str,
         metadata = {"class_names": class_names, "image_size": size, "resize": resize, "interpolation": interpolation}
         if anomaly is not None:
             artifacts["autoencoder"] = str(anomaly["autoencoder"])
-            metadata.update({"anomaly_threshold": float(anomaly["threshold"]), "anomaly_loss": anomaly["loss"],
-                             "anomaly_percentile": float(anomaly["percentile"])})  # fmt: skip
+            metadata.update(
+                {
+                    "anomaly_threshold": float(anomaly["threshold"]),
+                    "anomaly_loss": anomaly["loss"],
+                    "anomaly_percentile": float(anomaly["percentile"]),
+                }
+            )
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
@@ -120,7 +131,8 @@ def _local_model_dir(ref: str) -> tuple[Path, str | None]:
         return Path(mlflow.artifacts.download_artifacts(ref)), run_id
     except Exception as exc:  # MLflow raises several types for "not found".
         raise ModelLoadError(
-            f"Cannot load model {ref!r} from the MLflow store {mlflow.get_tracking_uri()} ({str(exc).splitlines()[0][:200]}). "
+            f"Cannot load model {ref!r} from the MLflow store {mlflow.get_tracking_uri()} "
+            f"({str(exc).splitlines()[0][:200]}). "
             "Pass a run id of `tltoolkit run`, a runs:/ or models:/ URI, an MLflow model folder or a .keras file, and "
             "check --tracking-uri."
         ) from exc
@@ -147,7 +159,9 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
         keras_file = path
     elif path.is_dir() or "://" in text or _RUN_ID.match(text):
         folder, run_id = (path, None) if path.is_dir() else _local_model_dir(text)
-        keras_file = next(iter(sorted(folder.rglob(_KERAS_FILE))), None) or next(iter(sorted(folder.rglob("*.keras"))), None)
+        keras_file = next(iter(sorted(folder.rglob(_KERAS_FILE))), None) or next(
+            iter(sorted(folder.rglob("*.keras"))), None
+        )
         autoencoder_file = next(iter(sorted(folder.rglob(_AUTOENCODER_FILE))), None)
         if keras_file is None or not (folder / "MLmodel").is_file():
             raise ModelLoadError(f"{text} is not a tltoolkit MLflow model folder (no MLmodel and .keras file in it).")
@@ -160,7 +174,9 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
         )
     try:
         model = keras.saving.load_model(keras_file, safe_mode=True, compile=False)
-        autoencoder = keras.saving.load_model(autoencoder_file, safe_mode=True, compile=False) if autoencoder_file else None
+        autoencoder = (
+            keras.saving.load_model(autoencoder_file, safe_mode=True, compile=False) if autoencoder_file else None
+        )
     except ValueError as exc:
         unsafe = "safe_mode" in str(exc) or "Lambda" in str(exc)
         why = (
@@ -174,8 +190,18 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     except ValueError as exc:
         raise ModelLoadError(f"{keras_file} is not a tltoolkit classifier: {exc}") from exc
     interpolation = meta.get("interpolation", "antialiased")
-    return LoadedClassifier(model, class_names, int(model.input_shape[1]), resize, text, run_id, interpolation,
-                            autoencoder, meta.get("anomaly_threshold"), meta.get("anomaly_loss", "mse"))  # fmt: skip
+    return LoadedClassifier(
+        model,
+        class_names,
+        int(model.input_shape[1]),
+        resize,
+        text,
+        run_id,
+        interpolation,
+        autoencoder,
+        meta.get("anomaly_threshold"),
+        meta.get("anomaly_loss", "mse"),
+    )
 
 
 def _mlmodel_metadata(mlmodel: Path) -> dict:

@@ -84,8 +84,9 @@ def search_figure(trials: pd.DataFrame, objective: str, direction: str, paths: l
     trials = trials.reset_index(drop=True)
     y = pd.to_numeric(trials[objective], errors="coerce")
     importance = hyperparameter_importance(trials, objective, paths).head(top)
-    fig, axes = plt.subplots(1, 1 + len(importance), figsize=(4.5 * (1 + len(importance)), 4), constrained_layout=True,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, 1 + len(importance), figsize=(4.5 * (1 + len(importance)), 4), constrained_layout=True, squeeze=False
+    )
     ax = axes[0][0]
     order = np.arange(len(trials))
     best = y.cummax() if direction == "max" else y.cummin()
@@ -115,7 +116,9 @@ def search_figure(trials: pd.DataFrame, objective: str, direction: str, paths: l
     return fig
 
 
-def reconstruction_figure(images: np.ndarray, noisy: np.ndarray, reconstructed: np.ndarray, title: str = "") -> plt.Figure:
+def reconstruction_figure(
+    images: np.ndarray, noisy: np.ndarray, reconstructed: np.ndarray, title: str = ""
+) -> plt.Figure:
     """A grid: inputs (top row), the corrupted inputs the autoencoder saw (middle), its reconstructions (bottom).
 
     Args:

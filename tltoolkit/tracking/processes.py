@@ -72,5 +72,7 @@ def mark_dead_runs_killed(client, keep: set[str] = frozenset()) -> list[str]:
         client.set_terminated(run.info.run_id, "KILLED")
         killed.append(run.info.run_id)
     if killed:
-        _logger.info("Marked %d run(s) KILLED whose process had died: %s.", len(killed), ", ".join(r[:8] for r in killed))
+        _logger.info(
+            "Marked %d run(s) KILLED whose process had died: %s.", len(killed), ", ".join(r[:8] for r in killed)
+        )
     return killed

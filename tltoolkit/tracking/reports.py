@@ -27,7 +27,9 @@ def log_skipped_files(client: MlflowClient, run_id: str, skipped: list[SkippedFi
     client.log_text(run_id, skipped_frame(skipped).to_csv(index=False), "data/skipped_files.csv")
 
 
-def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, class_names: list[str], part: str) -> None:
+def log_evaluation(
+    client: MlflowClient, run_id: str, evaluation: Evaluation, class_names: list[str], part: str
+) -> None:
     """Metrics named `<part>_<metric>` (e.g. `val_accuracy`), the confusion matrix PNG and the per-class report."""
     now = int(time.time() * 1000)
     metrics = [Metric(f"{part}_{key}", value, now, 0) for key, value in evaluation.metrics.items()]

@@ -56,17 +56,21 @@ class RunTracker(TrainingHooks):
         parent_id: The parent run to continue (resuming); a new one is started otherwise.
     """
 
-    def __init__(self, client: MlflowClient, experiment_id: str, session: TrainingSession, key: str,
-                 parent_id: str | None = None):  # fmt: skip
+    def __init__(
+        self, client: MlflowClient, experiment_id: str, session: TrainingSession, key: str, parent_id: str | None = None
+    ):
         self.client, self.experiment_id, self.session = client, experiment_id, session
         self.recipe, self.folder, self.key = session.recipe, session.folder, key
         self.parent_id, self.child_id = parent_id, None
         dataset = self.folder.root.resolve().name
         self.tags = {
-            "tltoolkit.recipe": self.recipe.name or "recipe", "tltoolkit.backbone": backbone_label(self.recipe),
+            "tltoolkit.recipe": self.recipe.name or "recipe",
+            "tltoolkit.backbone": backbone_label(self.recipe),
             "tltoolkit.weights": "autoencoder" if self.recipe.pretrain else self.recipe.backbone.weights,
-            "tltoolkit.dataset": dataset, PROCESS_TAG: process_tag(), **self.recipe.tracking.tags,
-        }  # fmt: skip
+            "tltoolkit.dataset": dataset,
+            PROCESS_TAG: process_tag(),
+            **self.recipe.tracking.tags,
+        }
         label = backbone_label(self.recipe).split(" ")[0]
         self.run_name = self.recipe.tracking.run_name or f"{self.recipe.name or 'recipe'}-{label}-{dataset}"
         self.model_uri: str | None = None
@@ -74,10 +78,18 @@ class RunTracker(TrainingHooks):
     def start(self) -> str:
         """Starts the parent run (logging the recipe, data report and manifest once) or reopens it; its id."""
         resumed = self.parent_id is not None
-        tags = {**self.tags, "tltoolkit.kind": "run", "tltoolkit.data_dir": str(self.folder.root.resolve()),
-                "tltoolkit.resume_key": self.key}  # fmt: skip
-        parent = mlflow.start_run(run_id=self.parent_id, experiment_id=self.experiment_id,
-                                  run_name=None if resumed else self.run_name, tags=tags)  # fmt: skip
+        tags = {
+            **self.tags,
+            "tltoolkit.kind": "run",
+            "tltoolkit.data_dir": str(self.folder.root.resolve()),
+            "tltoolkit.resume_key": self.key,
+        }
+        parent = mlflow.start_run(
+            run_id=self.parent_id,
+            experiment_id=self.experiment_id,
+            run_name=None if resumed else self.run_name,
+            tags=tags,
+        )
         self.parent_id = parent.info.run_id
         if not resumed:
             self._log_inputs()
@@ -108,8 +120,13 @@ class RunTracker(TrainingHooks):
         """Makes the stage's child run, or reopens the one it had before a kill (and logs the epochs it missed)."""
         run_id = run_id or self._earlier_child(stage.index)
         if run_id is None:
-            tags = {**self.tags, "mlflow.parentRunId": self.parent_id, "tltoolkit.kind": "stage",
-                    "tltoolkit.stage": stage.name, "tltoolkit.stage_index": str(stage.index)}  # fmt: skip
+            tags = {
+                **self.tags,
+                "mlflow.parentRunId": self.parent_id,
+                "tltoolkit.kind": "stage",
+                "tltoolkit.stage": stage.name,
+                "tltoolkit.stage_index": str(stage.index),
+            }
             run_id = self.client.create_run(self.experiment_id, run_name=stage.name, tags=tags).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -118,8 +135,9 @@ class RunTracker(TrainingHooks):
             self._log_missing_epochs(run_id, resume.rows)
         if stage.kind == CLASSIFIER:  # Logged again on resume: the same values, in case the kill came before.
             prefix = f"stages.{stage.stream}."
-            self._log_params(run_id, {k.removeprefix(prefix): v for k, v in self.recipe.flat().items()
-                                      if k.startswith(prefix)})  # fmt: skip
+            self._log_params(
+                run_id, {k.removeprefix(prefix): v for k, v in self.recipe.flat().items() if k.startswith(prefix)}
+            )
         else:
             self._log_pretrain_params(run_id)
         return run_id
@@ -128,7 +146,8 @@ class RunTracker(TrainingHooks):
         """A child run made for this stage just before a kill, before the checkpoint could name it."""
         earlier = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`tltoolkit.stage_index` = '{index}'",
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' "
+            f"and tags.`tltoolkit.stage_index` = '{index}'",
         )
         return earlier[0].info.run_id if earlier else None
 
@@ -136,8 +155,13 @@ class RunTracker(TrainingHooks):
         """Epochs the checkpoint holds whose metrics did not reach MLflow before the kill (it is written first)."""
         logged = {m.step for m in self.client.get_metric_history(run_id, "loss")}
         now = int(time.time() * 1000)
-        missing = [Metric(key, float(value), now, int(row["epoch"])) for row in rows if int(row["epoch"]) not in logged
-                   for key, value in sorted(row.items()) if key != "epoch"]  # fmt: skip
+        missing = [
+            Metric(key, float(value), now, int(row["epoch"]))
+            for row in rows
+            if int(row["epoch"]) not in logged
+            for key, value in sorted(row.items())
+            if key != "epoch"
+        ]
         if missing:
             self.client.log_batch(run_id, metrics=missing)
 
@@ -155,10 +179,15 @@ class RunTracker(TrainingHooks):
 
     def _end_classifier(self, outcome: StageOutcome) -> None:
         fit, run_id, name = outcome.fit, self.child_id, outcome.stage.name
-        self._log_params(run_id, {
-            "frozen_layers": fit.trainable.frozen_layers, "trainable_backbone_layers": fit.trainable.trainable_layers,
-            "trainable_params": fit.trainable.trainable_params, "feature_cache": fit.cached_above or "off",
-        })  # fmt: skip
+        self._log_params(
+            run_id,
+            {
+                "frozen_layers": fit.trainable.frozen_layers,
+                "trainable_backbone_layers": fit.trainable.trainable_layers,
+                "trainable_params": fit.trainable.trainable_params,
+                "feature_cache": fit.cached_above or "off",
+            },
+        )
         summary = {"wall_s": outcome.wall_s, "epochs_run": len(fit.history)}
         if fit.best_epoch is not None:
             summary["best_epoch"] = fit.best_epoch
@@ -167,7 +196,9 @@ class RunTracker(TrainingHooks):
         log_evaluation(self.client, run_id, outcome.evaluation, self.folder.class_names, "final_val")
         if f"{name}_val_accuracy" not in self.client.get_run(self.parent_id).data.metrics:
             self._log_metrics(self.parent_id, {f"{name}_val_accuracy": outcome.evaluation.metrics["accuracy"]})
-        _logger.info("Stage %r done in %.0fs: val accuracy %.4f", name, outcome.wall_s, outcome.evaluation.metrics["accuracy"])
+        _logger.info(
+            "Stage %r done in %.0fs: val accuracy %.4f", name, outcome.wall_s, outcome.evaluation.metrics["accuracy"]
+        )
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -175,27 +206,47 @@ class RunTracker(TrainingHooks):
 
     def _log_pretrain_params(self, run_id: str) -> None:
         pretraining, config = self.session.pretraining, self.recipe.pretrain.autoencoder
-        self._log_params(run_id, {**flatten(config.model_dump(mode="json")), "unlabeled_dir": pretraining.unlabeled_dir,
-                                  "train_images": len(pretraining.train), "val_images": len(pretraining.val)})  # fmt: skip
+        self._log_params(
+            run_id,
+            {
+                **flatten(config.model_dump(mode="json")),
+                "unlabeled_dir": pretraining.unlabeled_dir,
+                "train_images": len(pretraining.train),
+                "val_images": len(pretraining.val),
+            },
+        )
         log_skipped_files(self.client, run_id, pretraining.skipped)
 
     def _end_pretrain(self, outcome: StageOutcome) -> None:
         """The autoencoder's curves, reconstructions, error histogram, anomaly threshold, encoder and snapshot."""
         pretraining, config, run_id = self.session.pretraining, self.recipe.pretrain.autoencoder, self.child_id
-        ae, data, title = pretraining.autoencoder, autoencoder_data(config, self.recipe.data), f"{self.run_name} / pretrain"
+        ae, data, title = (
+            pretraining.autoencoder,
+            autoencoder_data(config, self.recipe.data),
+            f"{self.run_name} / pretrain",
+        )
         val_error = float(reconstruction_errors(ae.scorer, pretraining.val, data, config.loss).mean())
         errors = reconstruction_errors(ae.scorer, pretraining.train, data, config.loss)
         threshold = float(np.percentile(errors, config.anomaly_percentile))
-        self._log_metrics(run_id, {"wall_s": outcome.wall_s, "epochs_run": len(outcome.history),
-                                   "anomaly_threshold": threshold, "train_reconstruction_error": float(errors.mean()),
-                                   "val_reconstruction_error": val_error})  # fmt: skip
+        self._log_metrics(
+            run_id,
+            {
+                "wall_s": outcome.wall_s,
+                "epochs_run": len(outcome.history),
+                "anomaly_threshold": threshold,
+                "train_reconstruction_error": float(errors.mean()),
+                "val_reconstruction_error": val_error,
+            },
+        )
         log_curves(self.client, run_id, outcome.history.assign(stage="pretrain"), title, "curves.png")
         percentile = f"training images; threshold = {config.anomaly_percentile:g}th percentile"
         for figure, name in (
-            (reconstruction_figure(*samples(ae, pretraining.val, data), title=f"{title}: held-out images"),
-             "reconstructions.png"),
+            (
+                reconstruction_figure(*samples(ae, pretraining.val, data), title=f"{title}: held-out images"),
+                "reconstructions.png",
+            ),
             (error_histogram(errors, threshold, percentile), "reconstruction_errors.png"),
-        ):  # fmt: skip
+        ):
             self.client.log_figure(run_id, figure, name)
             plt.close(figure)
         with tempfile.TemporaryDirectory() as tmp:
@@ -205,8 +256,12 @@ class RunTracker(TrainingHooks):
             self.client.log_artifact(run_id, str(Path(tmp) / "autoencoder.keras"), "autoencoder")
         _logger.info(
             "Stage 'pretrain' done: reconstruction %s %.5f on held-out images; anomaly threshold %.5f (%gth percentile "
-            "of training images).", config.loss, val_error, threshold, config.anomaly_percentile,
-        )  # fmt: skip
+            "of training images).",
+            config.loss,
+            val_error,
+            threshold,
+            config.anomaly_percentile,
+        )
 
     # --- The end ---
 
@@ -220,8 +275,14 @@ class RunTracker(TrainingHooks):
         anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
         if self.recipe.tracking.log_model:
             _logger.info("Logging the model to MLflow...")
-            self.model_uri = log_classifier(self.session.training.model, self.folder.class_names, self.recipe.data.resize,
-                                            dump_recipe(self.recipe), self.recipe.data.interpolation, anomaly)  # fmt: skip
+            self.model_uri = log_classifier(
+                self.session.training.model,
+                self.folder.class_names,
+                self.recipe.data.resize,
+                dump_recipe(self.recipe),
+                self.recipe.data.interpolation,
+                anomaly,
+            )
         mlflow.end_run()
 
     def _final_autoencoder(self, result: SessionResult) -> dict:
@@ -246,7 +307,12 @@ class RunTracker(TrainingHooks):
             self.client.log_metric(self.parent_id, "anomaly_threshold", threshold)
             path = str(Path(tempfile.mkdtemp(prefix="tltoolkit-ae-")) / "autoencoder.keras")
             autoencoder.scorer.save(path)
-        return {"autoencoder": path, "threshold": threshold, "loss": config.loss, "percentile": config.anomaly_percentile}
+        return {
+            "autoencoder": path,
+            "threshold": threshold,
+            "loss": config.loss,
+            "percentile": config.anomaly_percentile,
+        }
 
     def on_session_failed(self, session, error):
         self.fail(error)
@@ -273,8 +339,14 @@ class ResumePoint:
         return {self.parent_id, *self.checkpoint.state.stage_runs.values()}
 
 
-def find_resume_point(client: MlflowClient, experiment_id: str, resume: bool | str, key: str, uri: str,
-                      what: str = "this recipe on this data folder") -> ResumePoint:  # fmt: skip
+def find_resume_point(
+    client: MlflowClient,
+    experiment_id: str,
+    resume: bool | str,
+    key: str,
+    uri: str,
+    what: str = "this recipe on this data folder",
+) -> ResumePoint:
     """The run `--resume` continues: the run id given, else the newest unfinished run with this resume key (`what`
     describes the command for the message when there is none).
 
@@ -288,22 +360,24 @@ def find_resume_point(client: MlflowClient, experiment_id: str, resume: bool | s
         except Exception:
             raise ResumeError(f"--resume {resume}: no such run in the MLflow store {uri}.") from None
         if candidates[0].data.tags.get("tltoolkit.kind") != "run":
-            raise ResumeError(f"--resume {resume}: that run is not a `tltoolkit run` parent run (its stages resume with it).")
+            raise ResumeError(
+                f"--resume {resume}: that run is not a `tltoolkit run` parent run (its stages resume with it)."
+            )
     else:
         candidates = client.search_runs(
             [experiment_id],
             filter_string=f"tags.`tltoolkit.kind` = 'run' and tags.`tltoolkit.resume_key` = '{key}' "
             "and attributes.status != 'FINISHED'",
             order_by=["attributes.start_time DESC"],
-        )  # fmt: skip
+        )
     for candidate in candidates:
         point = _checkpointed(candidate, uri, explicit=isinstance(resume, str))
         if point is None:
             continue
         if point.checkpoint.state.key != key:
             raise ResumeError(
-                f"Run {point.parent_id} was started with a different recipe (or --set overrides) or data folder; resume "
-                "it with exactly the same command plus --resume, or start a new run without --resume."
+                f"Run {point.parent_id} was started with a different recipe (or --set overrides) or data folder; "
+                "resume it with exactly the same command plus --resume, or start a new run without --resume."
             )
         return point
     raise ResumeError(
@@ -315,7 +389,9 @@ def find_resume_point(client: MlflowClient, experiment_id: str, resume: bool | s
 def _checkpointed(run, uri: str, explicit: bool) -> ResumePoint | None:
     run_id = run.info.run_id
     if run.info.status == "FINISHED":
-        raise ResumeError(f"Run {run_id} already finished; there is nothing to resume. Start a new run without --resume.")
+        raise ResumeError(
+            f"Run {run_id} already finished; there is nothing to resume. Start a new run without --resume."
+        )
     folder = run.data.tags.get("tltoolkit.checkpoints") or str(checkpoint_root(uri) / run_id)
     store = CheckpointStore(folder)
     checkpoint = store.latest()

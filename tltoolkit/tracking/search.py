@@ -67,9 +67,15 @@ class TrialTracker:
         """Makes the trial's run with its values and resolved recipe (`None`: the values make no valid recipe)."""
         trial_id, values = trial.trial_id, trial.hyperparameters.values
         self._supersede(trial_id)
-        tags = {"mlflow.parentRunId": self.parent_id, "tltoolkit.kind": "trial", "tltoolkit.trial": trial_id,
-                "tltoolkit.recipe": self.recipe.name or "recipe", "tltoolkit.backbone": (resolved or self.recipe).backbone.name,
-                "tltoolkit.tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"), PROCESS_TAG: process_tag()}  # fmt: skip
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            "tltoolkit.kind": "trial",
+            "tltoolkit.trial": trial_id,
+            "tltoolkit.recipe": self.recipe.name or "recipe",
+            "tltoolkit.backbone": (resolved or self.recipe).backbone.name,
+            "tltoolkit.tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
+            PROCESS_TAG: process_tag(),
+        }
         run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags).info.run_id
         self.runs[trial_id] = self.open = run_id
         shown = recipe_values(self.recipe, values)
@@ -109,23 +115,35 @@ class TrialTracker:
             self.client.delete_tag(run.info.run_id, "tltoolkit.trial")
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, "KILLED")
-            _logger.info("Trial %s runs again; its interrupted run %s is kept, marked KILLED.", trial_id, run.info.run_id)
+            _logger.info(
+                "Trial %s runs again; its interrupted run %s is kept, marked KILLED.", trial_id, run.info.run_id
+            )
 
 
 def start_search_run(client: MlflowClient, experiment_id: str, recipe: Recipe, data_dir, project: Path) -> str:
     """The search's parent run: its tags, the tuner settings and space as params, the recipe; returns its id."""
     name = project.name
     tags = {
-        "tltoolkit.kind": "tune", "tltoolkit.search": name, "tltoolkit.recipe": recipe.name or "recipe",
-        "tltoolkit.backbone": recipe.backbone.name, "tltoolkit.weights": recipe.backbone.weights,
-        "tltoolkit.dataset": Path(data_dir).resolve().name, "tltoolkit.data_dir": str(Path(data_dir).resolve()),
-        "tltoolkit.tuner_dir": str(project.resolve()), PROCESS_TAG: process_tag(), **recipe.tracking.tags,
-    }  # fmt: skip
+        "tltoolkit.kind": "tune",
+        "tltoolkit.search": name,
+        "tltoolkit.recipe": recipe.name or "recipe",
+        "tltoolkit.backbone": recipe.backbone.name,
+        "tltoolkit.weights": recipe.backbone.weights,
+        "tltoolkit.dataset": Path(data_dir).resolve().name,
+        "tltoolkit.data_dir": str(Path(data_dir).resolve()),
+        "tltoolkit.tuner_dir": str(project.resolve()),
+        PROCESS_TAG: process_tag(),
+        **recipe.tracking.tags,
+    }
     run = client.create_run(experiment_id, run_name=recipe.tracking.run_name or f"tune-{name}", tags=tags)
     search = recipe.search
-    params = {"search.tuner": search.tuner, "search.objective": search.objective,
-              "search.direction": search.objective_direction, "search.max_trials": search.max_trials,
-              "search.executions_per_trial": search.executions_per_trial}  # fmt: skip
+    params = {
+        "search.tuner": search.tuner,
+        "search.objective": search.objective,
+        "search.direction": search.objective_direction,
+        "search.max_trials": search.max_trials,
+        "search.executions_per_trial": search.executions_per_trial,
+    }
     params.update({f"space.{path}": describe(spec) for path, spec in search.space.items()})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_text(run.info.run_id, dump_recipe(recipe), "recipe.yaml")
@@ -140,49 +158,68 @@ def wait_for_search_run(client: MlflowClient, experiment_id: str, name: str, tim
             [experiment_id],
             filter_string=f"tags.`tltoolkit.kind` = 'tune' and tags.`tltoolkit.search` = '{name}' "
             "and attributes.status = 'RUNNING'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )  # fmt: skip
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if runs:
             return runs[0].info.run_id
         if time.monotonic() > deadline:
-            raise TrackingError(f"No running search {name!r} in the MLflow store after {timeout:.0f}s: start the chief first.")
+            raise TrackingError(
+                f"No running search {name!r} in the MLflow store after {timeout:.0f}s: start the chief first."
+            )
         time.sleep(1.0)
 
 
 def trials_table(client: MlflowClient, oracle, recipe: Recipe, experiment_id: str, parent_id: str) -> pd.DataFrame:
     """One row per trial: id, status, objective, values by dotted path, Hyperband's budget, wall time, run id."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50_000)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50_000
+    )
     by_trial = {r.data.tags["tltoolkit.trial"]: r for r in runs if "tltoolkit.trial" in r.data.tags}
     rows = []
     for trial_id, trial in sorted(oracle.trials.items()):
         run = by_trial.get(trial_id)
         values = recipe_values(recipe, trial.hyperparameters.values)
-        rows.append({
-            "trial": trial_id, "status": trial.status, recipe.search.objective: trial.score,
-            **{path: json.dumps(v) if isinstance(v, list) else v for path, v in values.items()},
-            **({"epochs_budget": trial.hyperparameters.values["tuner/epochs"]}
-               if "tuner/epochs" in trial.hyperparameters.values else {}),
-            "wall_s": run.data.metrics.get("wall_s") if run else None,
-            "run_id": run.info.run_id if run else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": trial_id,
+                "status": trial.status,
+                recipe.search.objective: trial.score,
+                **{path: json.dumps(v) if isinstance(v, list) else v for path, v in values.items()},
+                **(
+                    {"epochs_budget": trial.hyperparameters.values["tuner/epochs"]}
+                    if "tuner/epochs" in trial.hyperparameters.values
+                    else {}
+                ),
+                "wall_s": run.data.metrics.get("wall_s") if run else None,
+                "run_id": run.info.run_id if run else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def log_search_summary(client: MlflowClient, parent_id: str, recipe: Recipe, table: pd.DataFrame, best, best_recipe) -> None:
+def log_search_summary(
+    client: MlflowClient, parent_id: str, recipe: Recipe, table: pd.DataFrame, best, best_recipe
+) -> None:
     """On the parent: the trials table, the best trial's score, values and recipe, and the search figure."""
     search, completed = recipe.search, table[table.status == "COMPLETED"]
     client.log_text(parent_id, table.to_csv(index=False), "trials.csv")
     if best is None:
         return
     step = len(completed)
-    client.log_batch(parent_id, metrics=[
-        Metric(f"best_{search.objective}", float(best.score), _now(), step),
-        Metric("trials_completed", float(len(completed)), _now(), step),
-        Metric("trials_failed", float((table.status == "FAILED").sum()), _now(), step),
-    ])  # fmt: skip
+    client.log_batch(
+        parent_id,
+        metrics=[
+            Metric(f"best_{search.objective}", float(best.score), _now(), step),
+            Metric("trials_completed", float(len(completed)), _now(), step),
+            Metric("trials_failed", float((table.status == "FAILED").sum()), _now(), step),
+        ],
+    )
     client.set_tag(parent_id, "tltoolkit.best_trial", best.trial_id)
     values = recipe_values(recipe, best.hyperparameters.values)
-    client.log_dict(parent_id, {"trial": best.trial_id, search.objective: best.score, "values": values}, "best_trial.json")
+    client.log_dict(
+        parent_id, {"trial": best.trial_id, search.objective: best.score, "values": values}, "best_trial.json"
+    )
     client.log_text(parent_id, dump_recipe(best_recipe), "best_recipe.yaml")
     figure = search_figure(completed, search.objective, search.objective_direction, list(search.space))
     client.log_figure(parent_id, figure, "search.png")

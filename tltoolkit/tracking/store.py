@@ -32,7 +32,7 @@ def resolve_tracking_uri(cli_uri: str | None = None, recipe_uri: str | None = No
 
 
 def artifact_root_for(uri: str) -> str | None:
-    """Where a new experiment's artifacts go: next to a SQLite file (`mlruns/artifacts`); the server decides otherwise."""
+    """Where a new experiment's artifacts go: beside a SQLite file (`mlruns/artifacts`); else the server decides."""
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     return None

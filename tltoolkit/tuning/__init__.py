@@ -3,4 +3,12 @@
 from tltoolkit.tuning.space import declare, recipe_values, space_fingerprint
 from tltoolkit.tuning.tuner import RecipeTuner, TrialRunner, build_oracle, resolve_trial
 
-__all__ = ["RecipeTuner", "TrialRunner", "build_oracle", "declare", "recipe_values", "resolve_trial", "space_fingerprint"]
+__all__ = [
+    "RecipeTuner",
+    "TrialRunner",
+    "build_oracle",
+    "declare",
+    "recipe_values",
+    "resolve_trial",
+    "space_fingerprint",
+]

@@ -1,4 +1,4 @@
-"""A recipe's `search.space` as keras-tuner hyperparameters, and a trial's hyperparameter values back as recipe values."""
+"""A recipe's `search.space` as keras-tuner hyperparameters, and a trial's values back as recipe values."""
 
 from __future__ import annotations
 
@@ -38,8 +38,14 @@ def declare(hp: kt.HyperParameters, recipe: Recipe) -> None:
         if spec.type == "boolean":
             hp.Boolean(path, default=current)
         elif spec.type == "int":
-            hp.Int(path, int(spec.min), int(spec.max), step=int(spec.step) if spec.step else None,
-                   sampling=spec.sampling, default=int(current))  # fmt: skip
+            hp.Int(
+                path,
+                int(spec.min),
+                int(spec.max),
+                step=int(spec.step) if spec.step else None,
+                sampling=spec.sampling,
+                default=int(current),
+            )
         elif spec.type == "float":
             hp.Float(path, spec.min, spec.max, step=spec.step, sampling=spec.sampling, default=float(current))
         else:
@@ -68,10 +74,14 @@ def space_fingerprint(recipe: Recipe) -> str:
     search = recipe.search
     described = {
         "space": {path: spec.model_dump(mode="json") for path, spec in sorted(search.space.items())},
-        "tuner": search.tuner, "objective": search.objective, "direction": search.objective_direction,
-        "seed": search.seed, "executions": search.executions_per_trial, "max_epochs": search.max_epochs,
+        "tuner": search.tuner,
+        "objective": search.objective,
+        "direction": search.objective_direction,
+        "seed": search.seed,
+        "executions": search.executions_per_trial,
+        "max_epochs": search.max_epochs,
         "factor": search.factor,
-    }  # fmt: skip
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,6 +96,8 @@ def recipe_fingerprint(recipe: Recipe) -> str:
 def describe(spec: HyperparameterSpec) -> str:
     """A short text for MLflow params and tables: `float [0.0001, 0.01] log`, `choice [[], [256]]`."""
     if spec.type in ("int", "float"):
-        extra = (f" step {spec.step:g}" if spec.step else "") + (f" {spec.sampling}" if spec.sampling != "linear" else "")
+        extra = (f" step {spec.step:g}" if spec.step else "") + (
+            f" {spec.sampling}" if spec.sampling != "linear" else ""
+        )
         return f"{spec.type} [{spec.min:g}, {spec.max:g}]{extra}"
     return "boolean" if spec.type == "boolean" else f"choice {json.dumps(spec.values)}"

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import keras_tuner as kt
@@ -30,6 +31,7 @@ from tltoolkit.stages import SessionOptions, TrainingHooks, TrainingSession, bac
 from tltoolkit.tuning.space import TUNER_PREFIX, declare, recipe_values
 
 _logger = logging.getLogger(__name__)
+
 
 class _RecipeFirst:
     """Makes an oracle's first trial the recipe as written (every hyperparameter at its default, the recipe's value),
@@ -99,7 +101,9 @@ def resolve_trial(recipe: Recipe, values: dict[str, Any]) -> Recipe:
     if budget is None:
         return resolved
     full = recipe.search.max_epochs or total_epochs(recipe)
-    stages = [stage.model_copy(update={"epochs": max(1, round(stage.epochs * budget / full))}) for stage in resolved.stages]
+    stages = [
+        stage.model_copy(update={"epochs": max(1, round(stage.epochs * budget / full))}) for stage in resolved.stages
+    ]
     return resolved.model_copy(update={"stages": stages})
 
 
@@ -192,8 +196,13 @@ class TrialRunner:
         backbone.set_weights(pretrained)  # A previous trial may have fine-tuned it.
         return backbone
 
-    def run(self, recipe: Recipe, executions: int, objective: str,
-            hooks_for: Callable[[int], TrainingHooks] = lambda execution: TrainingHooks()) -> TrialResult:  # fmt: skip
+    def run(
+        self,
+        recipe: Recipe,
+        executions: int,
+        objective: str,
+        hooks_for: Callable[[int], TrainingHooks] = lambda execution: TrainingHooks(),
+    ) -> TrialResult:
         """Trains `recipe` `executions` times (seeds seed, seed+1, ...); the objective is their mean.
 
         Args:
@@ -204,8 +213,13 @@ class TrialRunner:
         histories, finals, evaluation = [], [], None
         stage_scores: dict[str, list[float]] = {}
         for execution in range(executions):
-            options = SessionOptions(seed=recipe.seed + execution, verbose=self.verbose, unlabeled=self.unlabeled,
-                                     progress=False, final_parts=("val",))  # fmt: skip
+            options = SessionOptions(
+                seed=recipe.seed + execution,
+                verbose=self.verbose,
+                unlabeled=self.unlabeled,
+                progress=False,
+                final_parts=("val",),
+            )
             session = TrainingSession(recipe, options, backbones=self.backbone)
             session.check_points()
             result = session.load_data(folder).run(hooks_for(execution))
@@ -218,5 +232,10 @@ class TrialRunner:
         metrics.update({key: float(np.mean(v)) for key, v in stage_scores.items()})
         if executions > 1:
             metrics[f"{objective}_std"] = float(pd.DataFrame(finals)[objective].std())
-        return TrialResult(metrics[objective], metrics, pd.concat(histories, ignore_index=True), evaluation,
-                           time.perf_counter() - started)  # fmt: skip
+        return TrialResult(
+            metrics[objective],
+            metrics,
+            pd.concat(histories, ignore_index=True),
+            evaluation,
+            time.perf_counter() - started,
+        )
