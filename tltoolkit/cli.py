@@ -214,8 +214,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             unlabeled=args.unlabeled,
         )
     elif args.command == "tune":
-        from tltoolkit.commands.tune import tune
+        from tltoolkit.commands.tune import Distributed, tune
 
+        distributed = Distributed(args.distributed, args.oracle_address, args.worker_id) if args.distributed else None
         tune(
             _find_recipe(args.recipe),
             args.data,
@@ -225,9 +226,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             then_run=args.then_run,
             verbose=verbose,
-            distributed=args.distributed,
-            oracle_address=args.oracle_address,
-            worker_id=args.worker_id,
+            distributed=distributed,
             unlabeled=args.unlabeled,
         )
     elif args.command == "demo":

@@ -6,8 +6,7 @@ import logging
 from pathlib import Path
 
 from tltoolkit.model.metrics import Evaluation
-from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
-from tltoolkit.tracking.store import connect, resolve_tracking_uri
+from tltoolkit.tracking.store import resolve_tracking_uri
 
 _logger = logging.getLogger(__name__)
 
@@ -35,14 +34,13 @@ def evaluate(
     """
     import mlflow
     import numpy as np
-    from mlflow import MlflowClient
 
     from tltoolkit.data import labelled_images
     from tltoolkit.data.pipeline import image_batches
     from tltoolkit.model.metrics import evaluate_probabilities
     from tltoolkit.recipe import DataConfig
     from tltoolkit.tracking.models import load_classifier
-    from tltoolkit.tracking.reports import log_evaluation, log_skipped_files, report_text
+    from tltoolkit.tracking.reports import report_text
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -69,23 +67,8 @@ def evaluate(
         report_text(evaluation, loaded.class_names),
     )
     if log:
-        client = MlflowClient()
-        if loaded.run_id and not experiment:
-            experiment_id = client.get_run(loaded.run_id).info.experiment_id  # Beside the run that trained it.
-        else:
-            experiment_id = connect(uri, experiment or "tltoolkit")
-        tags = {
-            "tltoolkit.kind": "evaluate",
-            "tltoolkit.model": str(model),
-            "tltoolkit.dataset": Path(data).resolve().name,
-            PROCESS_TAG: process_tag(),
-        }
-        if loaded.run_id:
-            tags["tltoolkit.source_run"] = loaded.run_id
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"evaluate-{Path(data).resolve().name}", tags=tags
-        ) as run:
-            log_evaluation(client, run.info.run_id, evaluation, loaded.class_names, "eval")
-            log_skipped_files(client, run.info.run_id, skipped)
-            _logger.info("Logged as MLflow run %s.", run.info.run_id)
+        from tltoolkit.tracking.reports import log_evaluation_run
+
+        run_id = log_evaluation_run(uri, evaluation, loaded, model, data, skipped, experiment)
+        _logger.info("Logged as MLflow run %s.", run_id)
     return evaluation

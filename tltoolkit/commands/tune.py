@@ -69,27 +69,38 @@ def _search_recipe(recipe, overrides: Iterable[str]) -> Recipe:
     return recipe
 
 
-def _distribution(distributed: str | None, oracle_address: str | None, worker_id: str | None) -> None:
-    """Sets keras-tuner's `KERASTUNER_*` variables for `--distributed chief|worker` (they win if already set)."""
-    if distributed is None:
-        return
-    if distributed not in ("chief", "worker"):
-        raise TltoolkitError(f"--distributed must be `chief` or `worker`, not {distributed!r}.")
-    address = oracle_address or os.environ.get("KERASTUNER_ORACLE_IP", "") + ":" + os.environ.get(
-        "KERASTUNER_ORACLE_PORT", ""
-    )
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise TltoolkitError(
-            f"--distributed {distributed} needs the chief's address as --oracle-address HOST:PORT (got {address!r}); "
-            "the chief listens there and every worker connects to it."
+@dataclass(frozen=True)
+class Distributed:
+    """keras-tuner's distributed search, as this process takes part in it.
+
+    Args:
+        role: `"chief"` (serves the oracle at `oracle_address` and logs the summary once all trials end) or
+            `"worker"` (runs the trials the chief hands out, logging them under the chief's parent run).
+        oracle_address: `HOST:PORT` of the chief. Defaults to `KERASTUNER_ORACLE_IP` and `KERASTUNER_ORACLE_PORT`.
+        worker_id: A name for this worker. Defaults to its process id.
+    """
+
+    role: str
+    oracle_address: str | None = None
+    worker_id: str | None = None
+
+    def apply(self) -> None:
+        """Sets keras-tuner's `KERASTUNER_*` variables (it reads them when the tuner is made)."""
+        if self.role not in ("chief", "worker"):
+            raise TltoolkitError(f"--distributed must be `chief` or `worker`, not {self.role!r}.")
+        environ = os.environ
+        address = self.oracle_address or environ.get("KERASTUNER_ORACLE_IP", "") + ":" + environ.get(
+            "KERASTUNER_ORACLE_PORT", ""
         )
-    os.environ["KERASTUNER_ORACLE_IP"] = host
-    os.environ["KERASTUNER_ORACLE_PORT"] = port
-    if distributed == "chief":
-        os.environ["KERASTUNER_TUNER_ID"] = "chief"
-    else:
-        os.environ["KERASTUNER_TUNER_ID"] = f"worker-{worker_id or os.getpid()}"
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise TltoolkitError(
+                f"--distributed {self.role} needs the chief's address as --oracle-address HOST:PORT (got {address!r}); "
+                "the chief listens there and every worker connects to it."
+            )
+        environ["KERASTUNER_ORACLE_IP"], environ["KERASTUNER_ORACLE_PORT"] = host, port
+        name = "chief" if self.role == "chief" else f"worker-{self.worker_id or os.getpid()}"
+        environ["KERASTUNER_TUNER_ID"] = name
 
 
 def tune(
@@ -101,9 +112,7 @@ def tune(
     overwrite: bool = False,
     then_run: bool = False,
     verbose: int | None = None,
-    distributed: str | None = None,
-    oracle_address: str | None = None,
-    worker_id: str | None = None,
+    distributed: Distributed | str | None = None,
     unlabeled: str | Path | None = None,
 ) -> TuneResult:
     """Searches the recipe's `search.space` with keras-tuner; every trial runs all the recipe's stages.
@@ -117,10 +126,8 @@ def tune(
         overwrite: Start over even if `search.directory/search.name` holds a search (with another space, say).
         then_run: After the search, train and log the final model from the best recipe (`tltoolkit run`).
         verbose: Keras fit verbosity for each stage (`0`: no progress bars).
-        distributed: `"chief"` (serves the oracle at `oracle_address` and logs the summary once all trials end)
-            or `"worker"` (runs trials the chief hands out). Workers log their trials under the chief's parent run.
-        oracle_address: `HOST:PORT` of the chief (keras-tuner's `KERASTUNER_ORACLE_IP`/`_PORT`).
-        worker_id: A name for this worker (default: its process id).
+        distributed: keras-tuner's distributed mode (see `Distributed`); `"chief"` or `"worker"` alone take the
+            chief's address from `KERASTUNER_ORACLE_IP` and `_PORT`.
         unlabeled: Unlabelled images for a recipe with `pretrain.autoencoder` (default: its `data.unlabeled`); every
             trial pretrains its own autoencoder, so its settings can be searched like any field.
 
@@ -135,7 +142,9 @@ def tune(
     data_dir = data or recipe.data.dir
     if not data_dir:
         raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
-    _distribution(distributed, oracle_address, worker_id)
+    distributed = Distributed(distributed) if isinstance(distributed, str) else distributed
+    if distributed is not None:
+        distributed.apply()
     search = _open_search(recipe, str(data_dir), tracking_uri, experiment, distributed)
     tuner, tracker = _tuner(search, overwrite, verbose, str(unlabeled) if unlabeled else recipe.data.unlabeled)
     _run_search(search, tuner)
@@ -163,7 +172,7 @@ def _open_search(recipe: Recipe, data_dir: str, tracking_uri, experiment, distri
     if not Path(data_dir).is_dir():
         raise DataError(f"The image folder {data_dir} does not exist; pass --data DIR.")
     project = Path(recipe.search.directory) / (recipe.search.name or recipe.name or "search")
-    role = "worker" if distributed == "worker" else "chief"
+    role = "worker" if distributed is not None and distributed.role == "worker" else "chief"
     return _Search(recipe, data_dir, uri, experiment_id, project, role, bool(distributed), MlflowClient(uri))
 
 

@@ -8,10 +8,10 @@ half a file.
 A checkpoint is one `.npz` file: a JSON `TrainingState` (where the training is: stage, epoch, every epoch's logs so
 far, the tracking run ids, early-stopping bookkeeping; versioned by `LAYOUT`) and groups of arrays: `model` (every
 variable of the classifier, BatchNormalization statistics and dropout seed states included), `optimizer` (its step,
-moments and velocities) and `best` (early stopping's best weights). It is written to a temporary file in the same folder, flushed to disk and
-renamed over its final name, so a kill at any instant leaves either the old file or the new one, never half of one.
-The newest `keep` files are kept; when the newest cannot be read (a disk fault, a copy cut short), loading warns and
-falls back to the one before.
+moments and velocities) and `best` (early stopping's best weights). It is written to a temporary file in the same
+folder, flushed to disk and renamed over its final name, so a kill at any instant leaves either the old file or the
+new one, never half of one. The newest `keep` files are kept; when the newest cannot be read (a disk fault, a copy
+cut short), loading warns and falls back to the one before.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from tltoolkit.errors import ModelLoadError
 
@@ -72,8 +74,6 @@ def log_classifier(
     """
     import keras
     import tensorflow as tf
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     import tltoolkit
 

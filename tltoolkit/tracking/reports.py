@@ -54,3 +54,32 @@ def log_curves(client: MlflowClient, run_id: str, history: pd.DataFrame, title: 
     figure = curves_figure(history, title)
     client.log_figure(run_id, figure, name)
     plt.close(figure)
+
+
+def log_evaluation_run(uri: str, evaluation: Evaluation, loaded, model, data, skipped, experiment: str | None) -> str:
+    """An MLflow run of `tltoolkit evaluate` (tagged `tltoolkit.kind=evaluate`), beside the run that trained the
+    model unless `experiment` is named; returns its id."""
+    from pathlib import Path
+
+    from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
+    from tltoolkit.tracking.store import connect
+
+    client = MlflowClient(uri)
+    if loaded.run_id and not experiment:
+        experiment_id = client.get_run(loaded.run_id).info.experiment_id  # Beside the run that trained it.
+    else:
+        experiment_id = connect(uri, experiment or "tltoolkit")
+    dataset = Path(data).resolve().name
+    tags = {
+        "tltoolkit.kind": "evaluate",
+        "tltoolkit.model": str(model),
+        "tltoolkit.dataset": dataset,
+        PROCESS_TAG: process_tag(),
+    }
+    if loaded.run_id:
+        tags["tltoolkit.source_run"] = loaded.run_id
+    run_id = client.create_run(experiment_id, run_name=f"evaluate-{dataset}", tags=tags).info.run_id
+    log_evaluation(client, run_id, evaluation, loaded.class_names, "eval")
+    log_skipped_files(client, run_id, skipped)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
