@@ -8,7 +8,7 @@ Example:
 
 from tltoolkit.backbones import BackboneCfg, create_backbone, get_backbone_cfg, list_backbones, register_backbone
 from tltoolkit.commands.run import RunResult, run
-from tltoolkit.commands.tune import TuneResult, tune
+from tltoolkit.commands.tune import Distributed, TuneResult, tune
 from tltoolkit.errors import TltoolkitError
 from tltoolkit.recipe import Recipe, load_recipe
 
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackboneCfg",
+    "Distributed",
     "Recipe",
     "RunResult",
     "TltoolkitError",

@@ -132,6 +132,8 @@ def create_backbone(
     weights: str | None = "imagenet",
     include_top: bool = False,
     input_size: int | None = None,
+    features_only: bool = False,
+    out_indices: tuple[int | str, ...] | None = None,
 ) -> keras.Model:
     """Builds a registered backbone that takes raw RGB pixels (0-255) and preprocesses them inside.
 
@@ -144,9 +146,12 @@ def create_backbone(
         include_top: Keep the original classifier (its 1000 ImageNet outputs: probabilities for keras.applications
             backbones, logits for the PyTorch ports). Defaults to `False` (the last feature map is the output).
         input_size: Square image side. Defaults to the backbone's own input size.
+        features_only: Output the feature maps where the network's stages end (see `features_only`), not the last.
+        out_indices: With `features_only`: which stage ends (positions, or layer names). Defaults to all.
 
     Returns:
-        A functional `keras.Model` named `name`, input `(None, size, size, 3)` float RGB in 0-255.
+        A functional `keras.Model` named `name`, input `(None, size, size, 3)` float RGB in 0-255 (with
+        `features_only`, a model of several outputs around it, named `<name>_features`).
 
     Raises:
         BackboneError: Unknown name or weight source, missing weights file, or weights that cannot be downloaded.
@@ -173,4 +178,9 @@ def create_backbone(
 
     inputs = keras.Input(shape=(size, size, 3), name="image")
     x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs) if preprocessing != "none" else inputs
-    return builder(cfg, input_tensor=x, include_top=include_top, weights=weights)
+    model = builder(cfg, input_tensor=x, include_top=include_top, weights=weights)
+    if not features_only:
+        return model
+    from tltoolkit.backbones.features import features_only as stage_ends
+
+    return stage_ends(model, out_indices)
