@@ -51,7 +51,11 @@ def test_pretrain_stage_then_head_on_the_encoder_tracked_and_reusable(image_fold
     children = child_runs(client, result.run_id)
     assert list(result.stage_runs) == ["pretrain", "head"] and set(children) == {"pretrain", "head"}
     pretrain = children["pretrain"]
-    assert pretrain.data.tags["tltoolkit.stage_index"] == "-1"
+    # Pretraining is the first stage of the plan, not a special index -1.
+    assert (pretrain.data.tags["tltoolkit.stage_index"], children["head"].data.tags["tltoolkit.stage_index"]) == (
+        "0",
+        "1",
+    )
     for key in ("loss", "val_loss", "learning_rate"):
         assert [m.step for m in client.get_metric_history(pretrain.info.run_id, key)] == [0, 1]
     images = int(pretrain.data.params["train_images"]) + int(pretrain.data.params["val_images"])

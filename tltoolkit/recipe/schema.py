@@ -52,7 +52,9 @@ def _check_layer_point(value: Any, *, what: str, words: tuple[str, ...]) -> Any:
 class AugmentConfig(_Section):
     """Random augmentation applied to training batches only (Keras preprocessing layers)."""
 
-    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = Field(
+        "none", description="Random mirroring of training images."
+    )
     rotation: float = Field(0.0, ge=0.0, le=0.5, description="Max rotation as a fraction of a full turn.")
     zoom: float = Field(0.0, ge=0.0, lt=1.0, description="Max zoom in or out, as a fraction of the size.")
     contrast: float = Field(0.0, ge=0.0, le=1.0, description="Max contrast change factor.")
@@ -69,9 +71,11 @@ class DataConfig(_Section):
         None, description="Folder of unlabelled images (any depth) for `pretrain`; `--unlabeled` overrides it."
     )
     image_size: int = Field(224, ge=16, le=1024, description="Square side in pixels that images are resized to.")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per training and scoring batch.")
     val_split: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out for validation when there is no val/.")
-    resize: Literal["squash", "crop", "pad"] = "squash"
+    resize: Literal["squash", "crop", "pad"] = Field(
+        "squash", description="`squash` to the square, `crop` the centre square, or `pad` to a square (black)."
+    )
     interpolation: Literal["antialiased", "bilinear"] = Field(
         "antialiased",
         description="`antialiased` (Pillow's bilinear, filter widened when shrinking, as torchvision) or `bilinear` "
@@ -83,11 +87,11 @@ class DataConfig(_Section):
         description="A stage that trains only above a frozen prefix, with no augmentation, trains on the prefix's "
         "outputs computed once instead of running the frozen layers every epoch (same result, much faster).",
     )
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(AugmentConfig(), description="Random changes to training images (never to scoring).")
 
 
 class BackboneConfig(_Section):
-    name: str = "mobilenet_v2"
+    name: str = Field("mobilenet_v2", description="A registered backbone; `tltoolkit backbones` lists them.")
     weights: str = Field("imagenet", description="`imagenet`, `none`, another source the backbone lists, or a path.")
     freeze: Any = Field("all", description="`all`, `none`, N first layers, a fraction, or up to a layer name.")
 
@@ -108,11 +112,13 @@ class HeadConfig(_Section):
         description="`avg`/`max`: global pooling; `flatten`: keep where features are (small maps: an autoencoder's).",
     )
     dense: list[int] = Field(default_factory=list, description="Widths of hidden dense layers, e.g. [256].")
-    activation: Literal["relu", "gelu", "silu", "swish", "elu", "selu", "tanh", "leaky_relu"] = "relu"
+    activation: Literal["relu", "gelu", "silu", "swish", "elu", "selu", "tanh", "leaky_relu"] = Field(
+        "relu", description="Activation of the hidden dense layers."
+    )
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before each dense layer and the classifier.")
-    l1: float = Field(0.0, ge=0.0)
-    l2: float = Field(0.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty on the head's dense kernels.")
+    l2: float = Field(0.0, ge=0.0, description="L2 penalty on the head's dense kernels.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
     class_weight: Literal["none", "auto"] | dict[str, float] = Field(
         "none", description="`auto` weights classes inversely to their frequency (scikit-learn's `balanced`)."
     )
@@ -133,12 +139,12 @@ class HeadConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = Field("adam", description="The Keras optimizer.")
+    learning_rate: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate (after any warm-up).")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (all optimizers).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Used by sgd and rmsprop.")
     nesterov: bool = Field(False, description="Used by sgd.")
-    clipnorm: float | None = Field(None, gt=0.0)
+    clipnorm: float | None = Field(None, gt=0.0, description="Clip each gradient to this norm.")
 
     @model_validator(mode="after")
     def _adamw_decays(self) -> OptimizerConfig:
@@ -148,32 +154,32 @@ class OptimizerConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    name: Literal["constant", "cosine"] = "constant"
+    name: Literal["constant", "cosine"] = Field("constant", description="`cosine` decays to `min_lr_ratio` by the end.")
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up from 0, in epochs (fractions allowed).")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine: final learning rate / initial.")
 
 
 class EarlyStoppingConfig(_Section):
-    monitor: Literal["loss", "accuracy", "val_loss", "val_accuracy"] = "val_loss"
-    patience: int = Field(3, ge=0)
-    min_delta: float = Field(0.0, ge=0.0)
-    restore_best_weights: bool = True
+    monitor: Literal["loss", "accuracy", "val_loss", "val_accuracy"] = Field("val_loss", description="Watched metric.")
+    patience: int = Field(3, ge=0, description="Epochs without improvement before the stage stops.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+    restore_best_weights: bool = Field(True, description="End the stage with the best epoch's weights.")
 
 
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class StageConfig(_Section):
-    name: str = "head"
-    epochs: int = Field(5, ge=1, le=100_000)
+    name: str = Field("head", description="Names the stage's MLflow run and metrics (letters, digits, `_`, `-`).")
+    epochs: int = Field(5, ge=1, le=100_000, description="Epochs to train (fewer if early stopping ends it).")
     unfreeze: Any = Field(
         "none",
         description="`none` keeps backbone.freeze; `all`; top K layers; a top fraction; or from a layer name up.",
     )
     train_bn: bool = Field(False, description="Also train BatchNormalization gamma/beta (statistics never update).")
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    early_stopping: EarlyStoppingConfig | None = None
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="A fresh optimizer for this stage.")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="The learning-rate schedule over the stage.")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="Stop when the monitored metric stalls.")
 
     @field_validator("name")
     @classmethod
@@ -213,10 +219,10 @@ class AutoencoderConfig(_Section):
     noise: Literal["none", "gaussian", "masking"] = Field("gaussian", description="Denoising corruption of inputs.")
     sigma: float = Field(0.1, ge=0.0, le=1.0, description="`gaussian`: noise std, as a fraction of the 0-255 range.")
     mask_ratio: float = Field(0.25, ge=0.0, lt=1.0, description="`masking`: fraction of pixels set to black.")
-    loss: Literal["mse", "mae"] = "mse"
-    epochs: int = Field(10, ge=1, le=100_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: Literal["mse", "mae"] = Field("mse", description="Reconstruction loss (and anomaly score), pixels in [0, 1].")
+    epochs: int = Field(10, ge=1, le=100_000, description="Pretraining epochs.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per pretraining batch.")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="Pretraining's optimizer (constant rate).")
     val_split: float = Field(0.1, gt=0.0, lt=1.0, description="Unlabelled images held out to score reconstruction.")
     use_labeled: bool = Field(True, description="The labelled training images' pixels join the unlabelled ones.")
     joint: bool = Field(
@@ -250,15 +256,15 @@ class AutoencoderConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    autoencoder: AutoencoderConfig = Field(AutoencoderConfig(), description="The autoencoder and its training.")
 
 
 class TrackingConfig(_Section):
-    experiment: str = Field("tltoolkit", min_length=1)
-    run_name: str | None = None
+    experiment: str = Field("tltoolkit", min_length=1, description="MLflow experiment; `--experiment` overrides it.")
+    run_name: str | None = Field(None, description="Defaults to `<recipe>-<backbone>-<dataset>`.")
     uri: str | None = Field(None, description="MLflow tracking URI; `--tracking-uri` and MLFLOW_TRACKING_URI win.")
-    log_model: bool = True
-    tags: dict[str, str] = Field(default_factory=dict)
+    log_model: bool = Field(True, description="Log the trained model (an MLflow pyfunc model) with the run.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on every run.")
 
 
 class HyperparameterSpec(_Section):
@@ -268,12 +274,12 @@ class HyperparameterSpec(_Section):
     (numbers, strings, lists such as `[[], [256]]` for `head.dense`, or a mix). `boolean`: no options.
     """
 
-    type: Literal["int", "float", "choice", "boolean"]
-    min: float | None = None
-    max: float | None = None
+    type: Literal["int", "float", "choice", "boolean"] = Field(description="What kind of value is searched.")
+    min: float | None = Field(None, description="`int`/`float`: the lowest value.")
+    max: float | None = Field(None, description="`int`/`float`: the highest value.")
     step: float | None = Field(None, gt=0.0, description="Grid step (with log sampling: a factor > 1).")
-    sampling: Literal["linear", "log", "reverse_log"] = "linear"
-    values: list[Any] | None = None
+    sampling: Literal["linear", "log", "reverse_log"] = Field("linear", description="`int`/`float`: how to draw.")
+    values: list[Any] | None = Field(None, description="`choice`: the candidates (a plain list is a choice).")
 
     @model_validator(mode="before")
     @classmethod
@@ -313,7 +319,7 @@ OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "
 class SearchConfig(_Section):
     """A keras-tuner search over recipe fields (`tltoolkit tune`)."""
 
-    tuner: Literal["random", "bayesian", "hyperband", "grid"] = "random"
+    tuner: Literal["random", "bayesian", "hyperband", "grid"] = Field("random", description="keras-tuner's oracle.")
     objective: str = Field("val_accuracy", description=f"One of {', '.join(OBJECTIVES)}: the final model's score.")
     direction: Literal["max", "min"] | None = Field(None, description="Defaults to the objective's natural one.")
     max_trials: int = Field(10, ge=1, le=100_000, description="Trials to finish (hyperband: an upper bound).")
@@ -362,12 +368,17 @@ class Recipe(_Section):
     """A complete, validated recipe. Build it with `tltoolkit.recipe.load_recipe`."""
 
     name: PlainName = Field(None, description="Defaults to the recipe file's name.")
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    head: HeadConfig = HeadConfig()
-    stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1)
-    tracking: TrackingConfig = TrackingConfig()
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Split, shuffling, augmentation and initialisation.")
+    data: DataConfig = Field(DataConfig(), description="The images: size, batches, split, augmentation, caches.")
+    backbone: BackboneConfig = Field(BackboneConfig(), description="The pretrained network and what stays frozen.")
+    head: HeadConfig = Field(HeadConfig(), description="The new layers on the backbone's features.")
+    stages: list[StageConfig] = Field(
+        default_factory=_default_stages,
+        min_length=1,
+        description="Trained in order; by default `head` (frozen backbone, Adam 1e-3, 5 epochs) then `finetune` "
+        "(all unfrozen, Adam 1e-5, 5 epochs). Each starts with a fresh optimizer and a recompile.",
+    )
+    tracking: TrackingConfig = Field(TrackingConfig(), description="Where and how runs are logged (MLflow).")
     search: SearchConfig | None = Field(None, description="What `tltoolkit tune` searches; `run` ignores it.")
     pretrain: PretrainConfig | None = Field(
         None, description="Autoencoder pretraining on unlabelled images; its encoder replaces `backbone.name`."
