@@ -6,7 +6,15 @@ Example:
     True
 """
 
-from tltoolkit.backbones import BackboneCfg, create_backbone, get_backbone_cfg, list_backbones, register_backbone
+from tltoolkit.backbones import (
+    BackboneCfg,
+    WeightSource,
+    create_backbone,
+    get_backbone_cfg,
+    list_backbones,
+    register_backbone,
+    register_weight_source,
+)
 from tltoolkit.commands.run import RunResult, run
 from tltoolkit.commands.tune import Distributed, TuneResult, tune
 from tltoolkit.errors import TltoolkitError
@@ -21,11 +29,13 @@ __all__ = [
     "RunResult",
     "TltoolkitError",
     "TuneResult",
+    "WeightSource",
     "create_backbone",
     "get_backbone_cfg",
     "list_backbones",
     "load_recipe",
     "register_backbone",
+    "register_weight_source",
     "run",
     "tune",
 ]
