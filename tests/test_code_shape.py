@@ -124,3 +124,17 @@ def test_library_layers_log_instead_of_printing():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 printing.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not printing, "use logging.getLogger(__name__) instead of print:\n" + "\n".join(printing)
+
+
+def test_stages_never_import_a_tracking_library():
+    """Tracking plugs into the session through `TrainingHooks`; `stages/` knows nothing of MLflow."""
+    found = []
+    for path, tree in modules():
+        if path.parent.name != "stages":
+            continue
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.name}:{node.lineno}" for n in names if n.split(".")[0] == "mlflow" or "tracking" in n]
+    assert not found, found

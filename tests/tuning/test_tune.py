@@ -228,3 +228,40 @@ def test_overwrite_never_deletes_a_folder_that_holds_no_search(image_folder, tmp
     with pytest.raises(RecipeError, match=r"would delete .*tiny.*does not hold a search"):
         tltoolkit.tune(search_recipe(max_trials=1), image_folder, overwrite=True, verbose=0)
     assert precious.read_text() == "years of work"
+
+
+def test_a_trial_whose_values_clash_is_skipped_and_a_dead_store_stops_the_search(image_folder, monkeypatch):
+    """Our errors map onto keras-tuner's: an invalid recipe fails that trial only (`FailedTrialError`); a tracking
+    store that stopped answering stops the whole search (`FatalError`)."""
+    import keras_tuner as kt
+
+    from tltoolkit.errors import TrackingError
+    from tltoolkit.tuning.tuner import TrialRunner
+
+    original, calls = TrialRunner.run, []
+
+    def clashing_second_trial(self, recipe, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RecipeError("The trial values do not make a valid recipe: these two clash.")
+        return original(self, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(TrialRunner, "run", clashing_second_trial)
+    result = tltoolkit.tune(search_recipe(max_trials=3), image_folder, verbose=0)
+    client = MlflowClient()
+    statuses = dict(zip(result.trials["trial"], result.trials["status"]))
+    assert statuses["1"] == "FAILED" and list(statuses.values()).count("COMPLETED") >= 2, statuses
+    runs = {r.data.tags["tltoolkit.trial"]: r.info.status for r in runs_of(client, result.parent_run_id)}
+    assert runs["1"] == "FAILED" and runs["0"] == runs["2"] == "FINISHED"
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+
+    def dead_store(self, recipe, *args, **kwargs):
+        raise TrackingError("The MLflow store at http://127.0.0.1:1 does not answer.")
+
+    monkeypatch.setattr(TrialRunner, "run", dead_store)
+    recipe = search_recipe(max_trials=3)
+    recipe["search"]["name"] = "dead-store"
+    with pytest.raises(kt.errors.FatalError, match="tracking store stopped answering"):
+        tltoolkit.tune(recipe, image_folder, verbose=0)
+    parents, runs = trial_runs(client, "dead-store")
+    assert [p.info.status for p in parents] == ["FAILED"] and [r.info.status for r in runs] == ["FAILED"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -66,6 +67,21 @@ def _store_lock(uri: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _quiet_store_setup():
+    """MLflow announces creating and migrating a new store's tables on stderr, at INFO; that is its business, not
+    the user's, so those loggers say only warnings while the store is first touched."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def connect(uri: str, experiment: str) -> str:
     """Points MLflow at `uri`, checks that it answers, and returns the id of `experiment` (created if needed).
 
@@ -91,7 +107,7 @@ def connect(uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_lock(uri):
+        with _store_lock(uri), _quiet_store_setup():
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
                 return found.experiment_id
