@@ -331,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd
 
+    from tltoolkit.cli import configure_logging
+
+    configure_logging(0 if args.verbose else -1)  # An application: it shows the library's log, as the CLI does.
+
     with tempfile.TemporaryDirectory(prefix="tltoolkit-bench-") as workdir:
         args.workdir = workdir
         rows, figures = BENCHMARKS[args.name](args)

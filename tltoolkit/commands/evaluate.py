@@ -38,7 +38,6 @@ def evaluate(
     from tltoolkit.data import labelled_images
     from tltoolkit.data.pipeline import image_batches
     from tltoolkit.model.metrics import evaluate_probabilities
-    from tltoolkit.recipe import DataConfig
     from tltoolkit.tracking.models import load_classifier
     from tltoolkit.tracking.reports import report_text
 
@@ -48,13 +47,7 @@ def evaluate(
     items, skipped = labelled_images(data, loaded.class_names)
     for item in skipped:
         _logger.warning("Skipped %s: %s", item.path, item.reason)
-    config = DataConfig(
-        image_size=loaded.image_size,
-        resize=loaded.resize,
-        interpolation=loaded.interpolation,
-        batch_size=batch_size,
-        cache=False,
-    )
+    config = loaded.data_config(batch_size)
     probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
     evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())

@@ -40,20 +40,13 @@ def predict(
     import mlflow
 
     from tltoolkit.data.pipeline import image_batches
-    from tltoolkit.recipe import DataConfig
     from tltoolkit.tracking.models import load_classifier
     from tltoolkit.tracking.store import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     loaded = load_classifier(model)
     images = _readable_images(paths)
-    config = DataConfig(
-        image_size=loaded.image_size,
-        resize=loaded.resize,
-        interpolation=loaded.interpolation,
-        batch_size=batch_size,
-        cache=False,
-    )
+    config = loaded.data_config(batch_size)
     probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
     extra = {}
     if loaded.autoencoder is not None:

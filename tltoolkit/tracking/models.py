@@ -57,6 +57,18 @@ class LoadedClassifier:
     anomaly_threshold: float | None = None  # Errors above it are flagged (a percentile of the training images').
     anomaly_loss: str = "mse"
 
+    def data_config(self, batch_size: int = 32):
+        """How this model's images are read: its size, resize mode and filter, as in training (no caching)."""
+        from tltoolkit.recipe import DataConfig
+
+        return DataConfig(
+            image_size=self.image_size,
+            resize=self.resize,
+            interpolation=self.interpolation,
+            batch_size=batch_size,
+            cache=False,
+        )
+
 
 def log_classifier(
     model,
