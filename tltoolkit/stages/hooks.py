@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class TrainingHooks:
-    """No-op hooks: subclass and override what you record (see `tltoolkit.tracking.hooks`)."""
+    """No-op hooks: subclass and override what you record (`tracking.runs.RunTracker`, `tracking.search.TrialHooks`)."""
 
     def on_stage_begin(
         self, session: TrainingSession, stage: PlannedStage, run_id: str | None, resume: StageResume | None
