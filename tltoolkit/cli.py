@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_flag(demo)
 
     evaluate = command("evaluate", help="score a model on a labelled folder; logged to MLflow")
-    evaluate.add_argument("model", help="run id, runs:/ or models:/ URI, MLflow model folder, or .keras file")
+    evaluate.add_argument(
+        "model",
+        help="run id or a unique prefix of one, runs:/ or models:/ URI (name/version, name@alias, m-...), "
+        "MLflow model folder, or .keras file",
+    )
     evaluate.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
     evaluate.add_argument("--experiment")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="+",
         metavar="MODEL PATH",
-        help="the model (run id, runs:/ or models:/ URI, MLflow model folder, or .keras file), then image files or "
+        help="the model (run id or a unique prefix, runs:/ or models:/ URI, MLflow model folder, or .keras file), "
+        "then image files or "
         "folders; with --imagenet only images",
     )
     predict.add_argument(

@@ -23,7 +23,8 @@ with warnings.catch_warnings():
 MODEL_NAME = "model"
 _KERAS_FILE = "classifier.keras"
 _AUTOENCODER_FILE = "autoencoder.keras"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# A run id or a prefix of one (as `compare` prints them), or an MLflow model URI.
+_REFERENCE = re.compile(r"^([0-9a-f]{1,32}|(runs|models):/.+)$")
 
 
 class KerasClassifierModel(PythonModel):
@@ -132,18 +133,70 @@ def log_classifier(
     return info.model_uri
 
 
+def resolve_model_ref(ref: str) -> tuple[str, str | None]:
+    """The MLflow URI that a model reference names, and the run that trained it (when known).
+
+    Accepted: a run id or any unique prefix of one (as `compare` prints them), `runs:/<run id>/<path>`,
+    `models:/<name>/<version>`, `models:/<name>@<alias>` and the `models:/m-...` ids of logged models.
+
+    Raises:
+        ModelLoadError: No run has that prefix, several do (they are listed), or the registry lacks the model.
+    """
+    client = mlflow.MlflowClient()
+    if ref.startswith("runs:/"):
+        return ref, ref.removeprefix("runs:/").split("/")[0]
+    if ref.startswith("models:/"):
+        return ref, _source_run(client, ref.removeprefix("models:/"))
+    run_id = _run_with_prefix(client, ref)
+    return f"runs:/{run_id}/{MODEL_NAME}", run_id
+
+
+def _source_run(client, name: str) -> str | None:
+    """The run behind `models:/<name>`: a registered version's, an alias's, or a logged model's source run."""
+    try:
+        if name.startswith("m-") and "/" not in name and "@" not in name:
+            return client.get_logged_model(name).source_run_id
+        if "@" in name:
+            registered, alias = name.split("@", 1)
+            return client.get_model_version_by_alias(registered, alias).run_id
+        registered, _, version = name.rpartition("/")
+        return client.get_model_version(registered, version).run_id
+    except Exception as exc:  # MLflow raises MlflowException (or RestException) for every "not found".
+        raise ModelLoadError(
+            f"No model models:/{name} in the MLflow store {mlflow.get_tracking_uri()} "
+            f"({str(exc).splitlines()[0][:200]}). Name a registered model as models:/<name>/<version> or "
+            "models:/<name>@<alias>, or a logged model as models:/m-..., and check --tracking-uri."
+        ) from exc
+
+
+def _run_with_prefix(client, prefix: str) -> str:
+    """The one run whose id starts with `prefix` (a whole id is its own prefix)."""
+    if len(prefix) == 32:
+        return prefix
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=50_000) if experiments else []
+    matches = [run for run in runs if run.info.run_id.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0].info.run_id
+    if not matches:
+        raise ModelLoadError(
+            f"No run id starts with {prefix!r} in the MLflow store {mlflow.get_tracking_uri()}; pass a run id (or a "
+            "unique prefix, as `tltoolkit compare` prints them), a runs:/ or models:/ URI, an MLflow model folder or a "
+            ".keras file, and check --tracking-uri."
+        )
+    listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:10])
+    more = f" and {len(matches) - 10} more" if len(matches) > 10 else ""
+    raise ModelLoadError(f"Run id prefix {prefix!r} is ambiguous: {listed}{more}. Give more of the id.")
+
+
 def _local_model_dir(ref: str) -> tuple[Path, str | None]:
     """Downloads (if needed) the MLflow model that `ref` names; returns its folder and run id."""
-    run_id = None
-    if _RUN_ID.match(ref):
-        run_id, ref = ref, f"runs:/{ref}/{MODEL_NAME}"
-    elif ref.startswith("runs:/"):
-        run_id = ref.split("/")[1]
+    uri, run_id = resolve_model_ref(ref)
     try:
-        return Path(mlflow.artifacts.download_artifacts(ref)), run_id
+        return Path(mlflow.artifacts.download_artifacts(uri)), run_id
     except Exception as exc:  # MLflow raises several types for "not found".
         raise ModelLoadError(
-            f"Cannot load model {ref!r} from the MLflow store {mlflow.get_tracking_uri()} "
+            f"Cannot load model {ref!r} ({uri}) from the MLflow store {mlflow.get_tracking_uri()} "
             f"({str(exc).splitlines()[0][:200]}). "
             "Pass a run id of `tltoolkit run`, a runs:/ or models:/ URI, an MLflow model folder or a .keras file, and "
             "check --tracking-uri."
@@ -154,7 +207,9 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     """Loads a tltoolkit classifier (Keras safe mode on: a model with a Lambda layer is refused).
 
     Args:
-        ref: A `.keras` file, an MLflow model folder, a run id of `tltoolkit run`, or a `runs:/` / `models:/` URI.
+        ref: A `.keras` file, an MLflow model folder, a run id of `tltoolkit run` (or a unique prefix of one), or a
+            `runs:/`, `models:/<name>/<version>`, `models:/<name>@<alias>` or `models:/m-...` URI (see
+            `resolve_model_ref`).
 
     Raises:
         ModelLoadError: Nothing loadable at `ref`, or the model is not a tltoolkit classifier, or it is unsafe.
@@ -169,7 +224,7 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     run_id, resize, meta, autoencoder_file = None, "squash", {}, None
     if path.is_file():
         keras_file = path
-    elif path.is_dir() or "://" in text or _RUN_ID.match(text):
+    elif path.is_dir() or _REFERENCE.match(text):
         folder, run_id = (path, None) if path.is_dir() else _local_model_dir(text)
         keras_file = next(iter(sorted(folder.rglob(_KERAS_FILE))), None) or next(
             iter(sorted(folder.rglob("*.keras"))), None

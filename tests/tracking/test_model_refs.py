@@ -1,0 +1,82 @@
+"""Every way to name a model works in every command: run id and prefix, runs:/, models:/ (version, alias, logged
+model id), a model folder, a .keras file."""
+
+import mlflow
+import pytest
+from conftest import tiny_recipe, write_images
+from mlflow import MlflowClient
+
+import tltoolkit
+from tltoolkit.cli import main
+from tltoolkit.errors import ModelLoadError
+from tltoolkit.tracking.models import load_classifier
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refs")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    data = write_images(root / "photos", per_class=6)
+    result = tltoolkit.run(tiny_recipe(), data, tracking_uri=uri, verbose=0)
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(f"runs:/{result.run_id}/model", "tiny-colours")
+    MlflowClient(uri).set_registered_model_alias("tiny-colours", "champion", version.version)
+    return result, uri, data, root
+
+
+@pytest.fixture
+def store(trained, monkeypatch):
+    result, uri, data, root = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return result, uri, data, root
+
+
+def references(result, root):
+    folder = mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model", dst_path=str(root / "download"))
+    keras_file = root / "classifier.keras"
+    result.model.save(keras_file)
+    return {
+        "run id": result.run_id,
+        "run id prefix": result.run_id[:8],
+        "runs:/": f"runs:/{result.run_id}/model",
+        "models:/name/version": "models:/tiny-colours/1",
+        "models:/name@alias": "models:/tiny-colours@champion",
+        "models:/m-... (logged model id)": result.model_uri,
+        "model folder": folder,
+        ".keras file": str(keras_file),
+    }
+
+
+def test_every_kind_of_reference_loads_the_model(store):
+    result, _, _, root = store
+    assert result.model_uri.startswith("models:/m-"), "what MLflow 3 returns for a logged model"
+    for kind, ref in references(result, root).items():
+        loaded = load_classifier(ref)
+        assert loaded.class_names == ["blue", "green", "red"], kind
+        if kind not in ("model folder", ".keras file"):
+            assert loaded.run_id == result.run_id, kind
+
+
+def test_predict_and_evaluate_take_every_reference_from_the_cli(store, capsys):
+    result, uri, data, root = store
+    image = next((data / "red").iterdir())
+    for kind, ref in references(result, root).items():
+        assert main(["predict", ref, str(image), "--tracking-uri", uri]) == 0, kind
+        assert capsys.readouterr().out.splitlines()[1].split(",")[1] in ("red", "green", "blue"), kind
+    assert main(["evaluate", "models:/tiny-colours@champion", str(data), "--tracking-uri", uri, "--no-log"]) == 0
+
+
+def test_unknown_and_ambiguous_prefixes_are_clear_errors(store):
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tltoolkit").experiment_id
+    ids = [client.create_run(experiment).info.run_id for _ in range(20)]  # 20 ids: two share a first digit.
+    shared = next(i[0] for i in ids if sum(j[0] == i[0] for j in ids) > 1)
+    with pytest.raises(
+        ModelLoadError, match=rf"prefix '{shared}' is ambiguous: {shared}[0-9a-f]{{31}} .*more of the id"
+    ):
+        load_classifier(shared)
+    with pytest.raises(ModelLoadError, match="No run id starts with 'ffffffff'"):
+        load_classifier("ffffffff")
+    with pytest.raises(ModelLoadError, match="No model models:/nope@champion"):
+        load_classifier("models:/nope@champion")
