@@ -1,5 +1,6 @@
 """The command line end to end on a tiny generated folder with the tiny backbone."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,31 @@ def test_compare_shows_stage_metrics_side_by_side(trained, capsys):
     assert run_id[:8] in out and "head val_accuracy" in out and "finetune val_accuracy" in out
     assert main(["compare", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "No experiment 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--tracking-uri", uri]) == 0, "every experiment by default"
+    out = capsys.readouterr().out
+    assert out.startswith(f"Store: {uri}") and run_id[:8] in out and "birds" in out
+
+
+def test_compare_lists_searches_and_refuses_a_store_that_is_not_there(image_folder, tmp_path, capsys):
+    from tltoolkit.commands.compare import compare
+
+    recipe = tiny_recipe(tracking={"log_model": False, "experiment": "trained"})
+    recipe["search"] = {"tuner": "random", "max_trials": 2, "space": {"head.dropout": [0.0, 0.3]}}
+    import tltoolkit
+
+    run = tltoolkit.run(recipe, image_folder, verbose=0)
+    search = tltoolkit.tune(
+        {**recipe, "tracking": {"log_model": False, "experiment": "searched"}}, image_folder, verbose=0
+    )
+    table = compare()
+    rows = table.set_index("run_id")
+    assert rows.loc[run.run_id, "kind"] == "run" and rows.loc[run.run_id, "experiment"] == "trained"
+    assert rows.loc[search.parent_run_id, "kind"] == "search" and rows.loc[search.parent_run_id, "trials"] == 2
+    assert rows.loc[search.parent_run_id, "val_accuracy"] == search.best_objective, "best objective, same column"
+    assert list(compare("searched").run_id) == [search.parent_run_id]
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    assert main(["compare", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert f"No MLflow store at {missing}" in capsys.readouterr().err and not missing.exists(), "not created empty"
 
 
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
@@ -128,8 +154,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
     beyond["stages"][1]["unfreeze"] = 500
     recipe.write_text(yaml.safe_dump(beyond, sort_keys=False))
     line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "unfreeze: 500" in text)
+    (tmp_path / "never-read").mkdir()  # A folder, so the freeze point is what fails, before its images are read.
     assert main(["run", str(recipe), "--data", str(tmp_path / "never-read")]) == 2
     assert f"{recipe}, line {line}: stages.1.unfreeze=500 exceeds the 11 layers of test_tiny" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "Image folder" in capsys.readouterr().err, "a missing folder fails first, before TensorFlow loads"
 
 
 def test_ui_binds_loopback_unless_hosts_are_allowed():
@@ -184,3 +213,94 @@ def test_the_library_is_quiet_and_the_cli_decides_what_is_shown(image_folder, tm
     assert main(["run", str(path), "--data", str(image_folder)]) == 0
     shown = capsys.readouterr().out
     assert "Stage 'head': 2 epoch(s)" in shown and "Done. val_accuracy" in shown and "tltoolkit ui" in shown
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve_ui(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`tltoolkit ui` in a subprocess on a free loopback port; its announced page, once announced."""
+    import re
+    import time
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tltoolkit", "ui", "--tracking-uri", uri, "--port", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 240
+    while not (found := re.search(r"MLflow UI for \S+ at (\S+)", log.read_text())):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    return process, found.group(1)
+
+
+def test_ui_announces_its_page_once_it_serves_and_refuses_a_taken_port(trained, tmp_path, capsys):
+    import socket
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    _, uri, _, run_id = trained
+    process, page = _serve_ui(uri, tmp_path / "ui.log")
+    try:
+        base = page.split("#")[0]
+        with urllib.request.urlopen(base + "health", timeout=5) as reply:
+            assert reply.status == 200, "announced only once it answers"
+        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+        assert page.endswith(f"#/experiments/{experiment}/runs"), "the newest training's runs, not the welcome page"
+        tags = MlflowClient(uri).get_experiment(experiment).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development", "opens in the model-training view"
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            assert main(["ui", "--tracking-uri", uri, "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"Port {port} on 127.0.0.1 is taken" in err and f"pass --port {port + 1}" in err
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="needs a real browser: Debian's `chromium` package (apt-get install -y chromium)",
+)
+def test_a_browser_renders_the_compare_view_of_two_runs_by_name(trained, tmp_path):
+    """Headless Chromium on `tltoolkit ui` (loopback): MLflow's compare page of two runs shows both run names."""
+    import html
+    import json
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+
+    import tltoolkit
+
+    _, uri, data, run_id = trained
+    other = tltoolkit.run(tiny_recipe(), data, ["head.dropout=0.1"], uri, "birds", verbose=0).run_id
+    client = MlflowClient(uri)
+    names = [client.get_run(r).info.run_name for r in (run_id, other)]
+    assert names[0] != names[1], "runs that differ are named differently"
+    process, page = _serve_ui(uri, tmp_path / "ui.log")
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+        url = f"{page.split('#')[0]}#/compare-runs?runs={quote(json.dumps([run_id, other]))}"
+        url += f"&experiments={quote(json.dumps([experiment]))}"
+        browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000"]
+        dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=300).stdout
+        shot = tmp_path / "compare.png"
+        subprocess.run(
+            [*browser, f"--screenshot={shot}", "--window-size=1600,1200", url], capture_output=True, timeout=300
+        )
+        assert shot.is_file() and shot.stat().st_size > 10_000, "a screenshot of the rendered page"
+        text = html.unescape(dom)
+        assert all(name in text for name in names), names
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
     _add_tracking_flag(predict)
 
-    compare = command("compare", help="table of an experiment's runs, stage metrics side by side")
-    compare.add_argument("--experiment", default="tltoolkit")
+    compare = command("compare", help="table of the store's runs and searches, stage metrics side by side")
+    compare.add_argument("--experiment", help="only this experiment (default: every experiment in the store)")
     compare.add_argument("--csv", help="also write the table to this CSV file")
     _add_tracking_flag(compare)
 
@@ -257,10 +257,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             table.to_csv(sys.stdout, index=False, float_format="%.6f")
     elif args.command == "compare":
         from tltoolkit.commands.compare import compare
+        from tltoolkit.tracking.store import resolve_tracking_uri
 
         table = compare(args.experiment, args.tracking_uri)
+        print(f"Store: {resolve_tracking_uri(args.tracking_uri)}")
         if table.empty:
-            print(f"No `tltoolkit run` runs in experiment {args.experiment!r} yet.")
+            where = f"experiment {args.experiment!r}" if args.experiment else "any experiment"
+            print(f"No `tltoolkit run` runs or `tltoolkit tune` searches in {where} yet.")
         else:
             shown = table.assign(run_id=table["run_id"].str[:8])
             print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

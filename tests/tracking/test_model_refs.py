@@ -64,7 +64,14 @@ def test_predict_and_evaluate_take_every_reference_from_the_cli(store, capsys):
     for kind, ref in references(result, root).items():
         assert main(["predict", ref, str(image), "--tracking-uri", uri]) == 0, kind
         assert capsys.readouterr().out.splitlines()[1].split(",")[1] in ("red", "green", "blue"), kind
-    assert main(["evaluate", "models:/tiny-colours@champion", str(data), "--tracking-uri", uri, "--no-log"]) == 0
+    assert main(["evaluate", "models:/tiny-colours@champion", str(data), "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`tltoolkit.kind` = 'evaluate'"
+    )
+    assert [(r.data.tags["tltoolkit.source_run"], r.data.tags["mlflow.parentRunId"]) for r in runs] == [
+        (result.run_id, result.run_id)
+    ], "linked to, and nested under, the run that trained the model"
 
 
 def test_unknown_and_ambiguous_prefixes_are_clear_errors(store):

@@ -3,6 +3,7 @@
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from conftest import tiny_recipe, write_images
 from mlflow import MlflowClient
 
@@ -87,6 +88,19 @@ def test_one_child_run_per_stage_with_per_epoch_metrics(finished, client):
     assert {"curves.png", "evaluation/final_val_confusion_matrix.png"} <= set(artifact_paths(client, head.info.run_id))
 
 
+def test_one_curve_across_stages_on_the_stage_runs_and_the_parent(finished, client):
+    """The UI draws a run's whole training as one line: fine-tune's epochs continue the head's on one step axis,
+    and the parent logs the curve keys per epoch; its latest `val_accuracy` is the final model's score."""
+    result, _, _ = finished
+    finetune = result.stage_runs["finetune"]
+    assert [m.step for m in client.get_metric_history(finetune, "val_loss")] == [2], "after the head's 2 epochs"
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
+        steps = [m.step for m in client.get_metric_history(result.run_id, key)]
+        assert steps[:3] == [0, 1, 2] and set(steps) == {0, 1, 2}, key
+    parent = client.get_run(result.run_id).data.metrics
+    assert parent["val_accuracy"] == pytest.approx(result.metrics["val_accuracy"]), "the final score is the latest"
+
+
 def test_logged_model_reloads_and_predicts_like_the_trained_model(finished, client):
     result, _, _ = finished
     pixels = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
@@ -108,7 +122,7 @@ def test_unreachable_store_fails_fast_before_any_data_is_read(tmp_path):
 
     started = time.perf_counter()
     with pytest.raises(TrackingError, match="cannot be used"):
-        tltoolkit.run(tiny_recipe(), tmp_path / "does-not-exist", tracking_uri="http://127.0.0.1:9")
+        tltoolkit.run(tiny_recipe(), tmp_path, tracking_uri="http://127.0.0.1:9")  # An empty folder: never read.
     assert time.perf_counter() - started < 30
 
 
@@ -123,3 +137,25 @@ def test_unsafe_models_are_refused(tmp_path):
         load_classifier(path)
     with pytest.raises(ModelLoadError, match="neither a file"):
         load_classifier("no-such-model")
+
+
+def test_runs_say_what_they_are_and_their_saved_recipe_runs_on_its_own(finished, client, tmp_path):
+    result, uri, data = finished
+    parent = client.get_run(result.run_id)
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("Recipe 'tiny': test_tiny (weights none) at 32 px on") and "3 classes" in note
+    assert f"Final model: val_accuracy {result.metrics['val_accuracy']:.4f}" in note
+    assert client.get_run(result.stage_runs["head"]).info.run_name == "tiny-test_tiny-images / head"
+    assert "tltoolkit.checkpoints" not in parent.data.tags, "its folder was removed when the run finished"
+
+    saved = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{result.run_id}/recipe.yaml"))
+    assert saved["data"]["dir"] == str(data.resolve()), "the data folder is recorded"
+    path = tmp_path / "saved.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    names = [
+        tltoolkit.run(path, tracking_uri=uri, overrides=["stages.0.epochs=1"], verbose=0).run_id for _ in range(2)
+    ]  # No --data: the saved recipe names its folder.
+    assert [client.get_run(r).info.run_name for r in names] == [
+        "tiny-test_tiny-images [stages.0.epochs=1]",
+        "tiny-test_tiny-images [stages.0.epochs=1] #2",
+    ], "what differs is in the name, and equal names are numbered"

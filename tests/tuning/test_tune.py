@@ -30,7 +30,8 @@ def runs_of(client, parent_id):
     return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
+def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder, caplog):
+    caplog.set_level("INFO", logger="tltoolkit")
     result = tltoolkit.tune(search_recipe(), image_folder, verbose=0, then_run=True)
     client = MlflowClient()
     parent = client.get_run(result.parent_run_id)
@@ -52,6 +53,8 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
         for stage, epochs in (("head", 2), ("finetune", 1)):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, f"{stage}/val_accuracy")]
             assert steps == list(range(epochs)), "every stage's every epoch, once"
+        curve = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert curve == [0, 1, 2], "named as on a run's parent, on one axis across stages"
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"curves.png", "recipe.yaml", "evaluation"} <= artifacts
 
@@ -59,6 +62,8 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
     assert {"trials.csv", "search.png", "best_recipe.yaml", "best_trial.json", "recipe.yaml"} <= artifacts
     best_trial = parent.data.tags["tltoolkit.best_trial"]
     best_child = next(c for c in children if c.data.tags["tltoolkit.trial"] == best_trial)
+    assert best_child.info.run_name == f"tiny / trial {best_trial} (best)" and best_child.data.tags["tltoolkit.best"]
+    assert sum("tltoolkit.best" in c.data.tags for c in children) == 1
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
         max(c.data.metrics["val_accuracy"] for c in children)
     )
@@ -66,6 +71,11 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder):
     best_yaml = Path(client.download_artifacts(result.parent_run_id, "best_recipe.yaml"))
     best = load_recipe(best_yaml)
     assert best.search is None and best.head.dropout == pytest.approx(result.best_values["head.dropout"])
+    assert best.data.dir == str(image_folder.resolve()), "the best recipe runs on its own"
+    saved = Path("tuning/tiny/best_recipe.yaml")
+    assert load_recipe(saved) == best and f"tltoolkit run {saved}" in caplog.text
+    assert "Trial 0: head.dropout: 0.0" in caplog.text and "Trial 1:" in caplog.text, "trials counted one way"
+    assert "\nhead.dropout: " in caplog.text, "best values as YAML"
     assert best.head.dense == result.best_values["head.dense"]
     assert len(result.trials) == 3 and result.trials["run_id"].notna().all()
 

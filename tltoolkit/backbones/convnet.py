@@ -37,7 +37,7 @@ def _build_convnet(cfg: BackboneCfg, input_tensor, include_top: bool, weights: s
     return model
 
 
-def _register(name: str, widths: tuple[int, ...], input_size: int, family: str) -> None:
+def _register(name: str, widths: tuple[int, ...], input_size: int, family: str, counts: tuple, listed: bool) -> None:
     register_backbone(
         BackboneCfg(
             name=name,
@@ -48,9 +48,12 @@ def _register(name: str, widths: tuple[int, ...], input_size: int, family: str) 
             min_input_size=2 ** len(widths),
             family=family,
             options={"widths": widths},
+            params=counts[0],
+            layers=counts[1],
+            listed=listed,
         )
     )
 
 
-_register("convnet_small", (32, 64, 128), 32, "ConvNet (from scratch)")
-_register("test_tiny", (8, 16, 32), 32, "test")
+_register("convnet_small", (32, 64, 128), 32, "ConvNet (from scratch)", (93920, 11), listed=True)
+_register("test_tiny", (8, 16, 32), 32, "test", (6200, 11), listed=False)  # For tests only.

@@ -124,5 +124,7 @@ register_backbone(
         preprocessing="lite",
         weight_sources=(_IMAGENET,),
         family="EfficientNet-Lite",
+        params=3413024,
+        layers=142,
     )
 )

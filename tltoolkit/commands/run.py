@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from tltoolkit.commands.interrupts import interrupts_raise
+from tltoolkit.data.scan import require_folder
 from tltoolkit.errors import RecipeError, ResumeError
 from tltoolkit.recipe import Recipe, as_recipe, dump_recipe, locate
 from tltoolkit.tracking.store import checkpoint_root, connect, default_tracking_uri, resolve_tracking_uri
@@ -77,7 +78,8 @@ def run(
     data_dir = data or recipe.data.dir
     if not data_dir:
         raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
-    # Heavy imports only once the recipe is known to be valid, so its errors come back at once.
+    require_folder(data_dir)
+    # Heavy imports only once the recipe and folder are known to be valid, so their errors come back at once.
     from mlflow import MlflowClient
 
     from tltoolkit.stages import SessionOptions, TrainingSession
@@ -95,7 +97,7 @@ def run(
     session.check_points(lambda field: locate(source, field, overrides))
     _load_data(session, data_dir, point)
     with interrupts_raise():
-        return _train(client, experiment_id, uri, session, key, point)
+        return _train(client, experiment_id, uri, session, key, point, tuple(overrides))
 
 
 def _load_data(session, data_dir, point) -> None:
@@ -151,12 +153,12 @@ def _resume_point(client, experiment_id: str, resume: bool | str, key: str, reci
     return point
 
 
-def _train(client, experiment_id: str, uri: str, session, key: str, point) -> RunResult:
+def _train(client, experiment_id: str, uri: str, session, key: str, point, overrides=()) -> RunResult:
     """Runs (or resumes) the session under a `RunTracker`; the checkpoint is removed once all is logged."""
     from tltoolkit.stages.checkpoint import CheckpointStore, TrainingState
     from tltoolkit.tracking.runs import RunTracker
 
-    tracker = RunTracker(client, experiment_id, session, key, point.parent_id if point else None)
+    tracker = RunTracker(client, experiment_id, session, key, point.parent_id if point else None, overrides)
     store = point.store if point else None
     try:
         parent_id = tracker.start()
@@ -181,6 +183,7 @@ def _train(client, experiment_id: str, uri: str, session, key: str, point) -> Ru
             )
         raise
     store.remove()
+    tracker.tag_checkpoints(None)
     _report_done(parent_id, experiment, uri, result.metrics)
     return RunResult(
         parent_id,

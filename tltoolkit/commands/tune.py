@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from tltoolkit.errors import DataError, RecipeError, TltoolkitError
-from tltoolkit.recipe import Recipe, as_recipe
+from tltoolkit.data.scan import require_folder
+from tltoolkit.errors import RecipeError, TltoolkitError
+from tltoolkit.recipe import Recipe, as_recipe, dump_recipe, with_data
 
 STATE_FILE = "tltoolkit.json"
 _logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class _Search:
     role: str  # "chief" (or alone) or "worker".
     distributed: bool
     client: object = None  # MlflowClient
+    unlabeled: str | None = None  # Unlabelled images, for recipes with `pretrain.autoencoder`.
 
     @property
     def state_path(self) -> Path:
@@ -142,11 +145,13 @@ def tune(
     data_dir = data or recipe.data.dir
     if not data_dir:
         raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
+    require_folder(data_dir)
     distributed = Distributed(distributed) if isinstance(distributed, str) else distributed
     if distributed is not None:
         distributed.apply()
     search = _open_search(recipe, str(data_dir), tracking_uri, experiment, distributed)
-    tuner, tracker = _tuner(search, overwrite, verbose, str(unlabeled) if unlabeled else recipe.data.unlabeled)
+    search.unlabeled = str(unlabeled) if unlabeled else recipe.data.unlabeled
+    tuner, tracker = _tuner(search, overwrite, verbose)
     _run_search(search, tuner)
     if search.role == "worker":
         ran = pd.DataFrame({"trial": list(tracker.runs), "run_id": list(tracker.runs.values())})
@@ -169,14 +174,12 @@ def _open_search(recipe: Recipe, data_dir: str, tracking_uri, experiment, distri
     uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
     experiment_id = connect(uri, experiment or recipe.tracking.experiment)
     _check_freeze_points(recipe)
-    if not Path(data_dir).is_dir():
-        raise DataError(f"The image folder {data_dir} does not exist; pass --data DIR.")
     project = Path(recipe.search.directory) / (recipe.search.name or recipe.name or "search")
     role = "worker" if distributed is not None and distributed.role == "worker" else "chief"
     return _Search(recipe, data_dir, uri, experiment_id, project, role, bool(distributed), MlflowClient(uri))
 
 
-def _tuner(search: _Search, overwrite: bool, verbose, unlabeled):
+def _tuner(search: _Search, overwrite: bool, verbose):
     """keras-tuner's tuner (reloading an earlier search's oracle, or removing it with `overwrite`) and the tracker
     with the search's parent run: new, continued, or (a worker) the chief's."""
     from tltoolkit.tracking.processes import mark_dead_runs_killed
@@ -185,11 +188,11 @@ def _tuner(search: _Search, overwrite: bool, verbose, unlabeled):
 
     state = _search_state(search, overwrite)
     mark_dead_runs_killed(search.client, keep={state["parent_run_id"]} if state.get("parent_run_id") else set())
-    runner = TrialRunner(search.data_dir, verbose, unlabeled)
+    runner = TrialRunner(search.data_dir, verbose, search.unlabeled)
     if search.role == "chief" and not search.distributed:
         folder = runner.folder(_base_trial_recipe(search.recipe))  # Scanned before the first trial: errors first.
         _check_objective(search.recipe, folder.num_classes)
-    tracker = TrialTracker(search.client, search.experiment_id, search.recipe)
+    tracker = TrialTracker(search.client, search.experiment_id, search.recipe, (search.data_dir, search.unlabeled))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         tuner = RecipeTuner(
@@ -262,7 +265,7 @@ def _parent_run(search: _Search, state: dict) -> str:
 def _run_search(search: _Search, tuner) -> None:
     """keras-tuner's search; Ctrl-C or a fatal error marks the open trial's run and (the chief) the parent."""
     try:
-        tuner.search(verbose=1)
+        tuner.search(verbose=0)  # Our own lines name trials by their ids; keras-tuner counts from 1.
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         tuner.tracker.end(status)
@@ -295,22 +298,27 @@ def _summarise(search: _Search, tuner, parent_id: str) -> TuneResult:
     best = best_trials[0]
     best_values = recipe_values(recipe, best.hyperparameters.values)
     best_recipe = resolve_trial(recipe, best.hyperparameters.values)
-    best_recipe = best_recipe.model_copy(update={"name": f"{recipe.name or 'recipe'}-best"})
+    best_recipe = with_data(
+        best_recipe.model_copy(update={"name": f"{recipe.name or 'recipe'}-best"}), search.data_dir, search.unlabeled
+    )
     log_search_summary(search.client, parent_id, recipe, table, best, best_recipe)
+    saved = project / "best_recipe.yaml"
+    saved.write_text(dump_recipe(best_recipe))
     objective = recipe.search.objective
-    shown = table.drop(columns=["run_id"])
+    shown = table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4g}")
     _logger.info(
-        "\nSearch done: %d trial(s) completed in %s.\n%s\nBest: trial %s, %s %.4f, values %s\nBest recipe "
-        "logged as best_recipe.yaml on run %s; train it with `tltoolkit tune ... --then-run`, or save it and "
-        "`tltoolkit run` it.",
+        "\nSearch done: %d trial(s) completed in %s.\n%s\n\nBest: trial %s, %s %.4f, with\n%s\nIts recipe is %s "
+        "(and best_recipe.yaml on run %s); train and log its model with:\n  tltoolkit run %s",
         len(completed),
         project,
-        shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        shown,
         best.trial_id,
         objective,
         best.score,
-        best_values,
+        yaml.safe_dump(best_values, sort_keys=False).rstrip(),
+        saved,
         parent_id,
+        saved,
     )
     ordered = table.sort_values(objective, ascending=recipe.search.objective_direction == "min", na_position="last")
     return TuneResult(

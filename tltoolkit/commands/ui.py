@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 from tltoolkit.errors import TltoolkitError
-from tltoolkit.tracking.store import resolve_tracking_uri
+from tltoolkit.tracking.store import mark_training_experiment, require_existing_store, resolve_tracking_uri
 
 _logger = logging.getLogger(__name__)
 
@@ -38,12 +41,80 @@ def ui_command(
 
 
 def ui(
-    tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, allowed_hosts: str | None = None
+    tracking_uri: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    allowed_hosts: str | None = None,
+    timeout: float = 300.0,
 ) -> int:
-    """Runs the MLflow UI until interrupted; returns its exit status."""
+    """Runs the MLflow UI until interrupted; returns its exit status.
+
+    The address is announced only once the server answers, on the page of the newest training's experiment, which
+    opens in MLflow's classic (model training) view, not its GenAI welcome.
+
+    Raises:
+        TltoolkitError: The port is taken, or the server stopped (or did not answer within `timeout` seconds)
+            before it served.
+    """
     command = ui_command(tracking_uri, host, port, allowed_hosts)
-    _logger.info("MLflow UI for %s at http://%s:%s (Ctrl-C stops it)", command[5], host, port)
+    uri = command[5]
+    require_existing_store(uri)
+    page = f"http://{host}:{port}/" + _training_page(uri)
+    _check_port_free(host, port)
+    process = subprocess.Popen(command)
     try:
-        return subprocess.call(command)
+        _wait_until_serving(process, host, port, timeout)
+        _logger.info("MLflow UI for %s at %s (Ctrl-C stops it)", uri, page)
+        return process.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _training_page(uri: str) -> str:
+    """The runs page of the experiment of the newest tltoolkit run or search, after marking every experiment with
+    such runs as a model-training experiment (`mlflow.experimentKind`), so the UI shows runs, not its GenAI welcome."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [
+        run
+        for kind in ("run", "tune")
+        for run in client.search_runs(experiments, filter_string=f"tags.`tltoolkit.kind` = '{kind}'", max_results=5000)
+    ]
+    runs.sort(key=lambda run: run.info.start_time, reverse=True)
+    for experiment_id in {run.info.experiment_id for run in runs}:
+        mark_training_experiment(client, experiment_id)
+    return f"#/experiments/{runs[0].info.experiment_id}/runs" if runs else ""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise TltoolkitError(
+                f"Port {port} on {host} is taken (another MLflow UI?); pass --port {port + 1}, or stop what uses it."
+            ) from None
+
+
+def _wait_until_serving(process: subprocess.Popen, host: str, port: int, timeout: float) -> None:
+    """Polls the server's health endpoint until it answers; raises if the server stops or never answers."""
+    deadline = time.monotonic() + timeout
+    url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/health"
+    while True:
+        if process.poll() is not None:
+            raise TltoolkitError(f"The MLflow UI stopped (exit status {process.returncode}) before serving; see above.")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TltoolkitError(f"The MLflow UI did not answer at {url} within {timeout:.0f} s.")
+        time.sleep(0.5)

@@ -178,6 +178,20 @@ def _class_dirs(root: Path) -> tuple[list[Path], list[SkippedFile]]:
     return dirs, stray
 
 
+def require_folder(root: str | Path) -> Path:
+    """`root` as a path, checked to be a folder (before anything slow starts).
+
+    Raises:
+        DataError: It is missing or a file.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Image folder {root} does not exist or is not a folder; pass --data with a folder of class subfolders."
+        )
+    return root
+
+
 def scan_class_folders(root: Path, progress: bool = True) -> tuple[list[str], list[tuple[str, int]], list[SkippedFile]]:
     """Scans a class-per-subfolder tree.
 
@@ -187,8 +201,7 @@ def scan_class_folders(root: Path, progress: bool = True) -> tuple[list[str], li
     Raises:
         DataError: `root` is missing or has no class folders, or a class folder holds no usable image.
     """
-    if not root.is_dir():
-        raise DataError(f"Image folder {root} does not exist or is not a folder; pass --data with a folder of class subfolders.")
+    require_folder(root)
     dirs, skipped = _class_dirs(root)
     if not dirs:
         raise DataError(

@@ -1,6 +1,6 @@
 """Recipes: YAML in, a validated, frozen `Recipe` out."""
 
-from tltoolkit.recipe.loader import as_recipe, dump_recipe, load_recipe, locate, parse_override
+from tltoolkit.recipe.loader import as_recipe, dump_recipe, load_recipe, locate, parse_override, with_data
 from tltoolkit.recipe.schema import (
     AugmentConfig,
     BackboneConfig,
@@ -32,4 +32,5 @@ __all__ = [
     "load_recipe",
     "locate",
     "parse_override",
+    "with_data",
 ]

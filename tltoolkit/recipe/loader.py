@@ -234,6 +234,14 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
+def with_data(recipe: Recipe, data_dir, unlabeled=None) -> Recipe:
+    """`recipe` with its data folders recorded (absolute), so the recipe saved with a run runs on its own."""
+    data = {"dir": str(Path(data_dir).resolve())}
+    if unlabeled:
+        data["unlabeled"] = str(Path(unlabeled).resolve())
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update=data)})
+
+
 def as_recipe(recipe: Recipe | str | Path | dict, overrides: Iterable[str]) -> Recipe:
     """A `Recipe` from a file, dict or `Recipe`, with `--set` overrides applied before validation."""
     if isinstance(recipe, Recipe):

@@ -100,8 +100,12 @@ def render_reference() -> str:
 
 def undocumented() -> list[str]:
     """Dotted paths of fields without a description (each should say what it does)."""
-    return [f"{path}{name}" for path, model in _sections(Recipe) for name, f in model.model_fields.items()
-            if not f.description]  # fmt: skip
+    return [
+        f"{path}{name}"
+        for path, model in _sections(Recipe)
+        for name, f in model.model_fields.items()
+        if not f.description
+    ]
 
 
 if __name__ == "__main__":

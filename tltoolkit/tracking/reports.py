@@ -28,11 +28,15 @@ def log_skipped_files(client: MlflowClient, run_id: str, skipped: list[SkippedFi
 
 
 def log_evaluation(
-    client: MlflowClient, run_id: str, evaluation: Evaluation, class_names: list[str], part: str
+    client: MlflowClient, run_id: str, evaluation: Evaluation, class_names: list[str], part: str, step: int = 0
 ) -> None:
-    """Metrics named `<part>_<metric>` (e.g. `val_accuracy`), the confusion matrix PNG and the per-class report."""
+    """Metrics named `<part>_<metric>` (e.g. `val_accuracy`), the confusion matrix PNG and the per-class report.
+
+    `step`: where the metrics sit on the run's epoch axis; at the last epoch's step they are the run's latest values
+    (MLflow shows the highest step, then the newest), so the runs table shows the final model's scores.
+    """
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{part}_{key}", value, now, 0) for key, value in evaluation.metrics.items()]
+    metrics = [Metric(f"{part}_{key}", value, now, step) for key, value in evaluation.metrics.items()]
     client.log_batch(run_id, metrics=metrics)
     accuracy = evaluation.metrics["accuracy"]
     figure = confusion_figure(evaluation.confusion, class_names, f"{part}: accuracy {accuracy:.3f}")
@@ -78,6 +82,8 @@ def log_evaluation_run(uri: str, evaluation: Evaluation, loaded, model, data, sk
     }
     if loaded.run_id:
         tags["tltoolkit.source_run"] = loaded.run_id
+        if not experiment:  # Nested under the run that trained the model, in the UI's runs table.
+            tags["mlflow.parentRunId"] = loaded.run_id
     run_id = client.create_run(experiment_id, run_name=f"evaluate-{dataset}", tags=tags).info.run_id
     log_evaluation(client, run_id, evaluation, loaded.class_names, "eval")
     log_skipped_files(client, run_id, skipped)

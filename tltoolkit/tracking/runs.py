@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param
 
 from tltoolkit.backbones.encoder import architecture_of, save_encoder
 from tltoolkit.errors import ResumeError
-from tltoolkit.recipe import Recipe, dump_recipe
+from tltoolkit.recipe import Recipe, dump_recipe, with_data
 from tltoolkit.recipe.schema import flatten
 from tltoolkit.stages.checkpoint import Checkpoint, CheckpointStore
 from tltoolkit.stages.hooks import TrainingHooks
@@ -36,6 +36,15 @@ from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluati
 from tltoolkit.tracking.store import checkpoint_root
 
 _logger = logging.getLogger(__name__)
+
+
+# What the parent run logs per epoch, at the global step: the whole training as one curve in the MLflow UI.
+CURVE_KEYS = ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate")
+
+
+def global_step(stage: PlannedStage, epoch: int) -> int:
+    """An epoch's step in MLflow: counted across the classifier stages (pretraining counts its own epochs)."""
+    return stage.epoch_offset + epoch
 
 
 def backbone_label(recipe: Recipe) -> str:
@@ -54,10 +63,17 @@ class RunTracker(TrainingHooks):
         session: The session, data loaded (its recipe, folder and models are what is logged).
         key: The command's resume key, tagged on the parent so `--resume` finds it.
         parent_id: The parent run to continue (resuming); a new one is started otherwise.
+        overrides: The command's `--set` flags: a new run's name carries them, so runs that differ look different.
     """
 
     def __init__(
-        self, client: MlflowClient, experiment_id: str, session: TrainingSession, key: str, parent_id: str | None = None
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        session: TrainingSession,
+        key: str,
+        parent_id: str | None = None,
+        overrides: tuple[str, ...] = (),
     ):
         self.client, self.experiment_id, self.session = client, experiment_id, session
         self.recipe, self.folder, self.key = session.recipe, session.folder, key
@@ -73,11 +89,19 @@ class RunTracker(TrainingHooks):
         }
         label = backbone_label(self.recipe).split(" ")[0]
         self.run_name = self.recipe.tracking.run_name or f"{self.recipe.name or 'recipe'}-{label}-{dataset}"
+        if overrides:
+            self.run_name = f"{self.run_name} [{' '.join(overrides)}]"[:200]
         self.model_uri: str | None = None
+        unlabeled = session.pretraining.unlabeled_dir if session.pretraining is not None else None
+        self.saved_recipe = dump_recipe(with_data(self.recipe, self.folder.root, unlabeled))  # Runs on its own.
 
     def start(self) -> str:
         """Starts the parent run (logging the recipe, data report and manifest once) or reopens it; its id."""
         resumed = self.parent_id is not None
+        if resumed:
+            self.run_name = self.client.get_run(self.parent_id).info.run_name
+        else:
+            self.run_name = self._unique(self.run_name)
         tags = {
             **self.tags,
             "tltoolkit.kind": "run",
@@ -93,17 +117,47 @@ class RunTracker(TrainingHooks):
         self.parent_id = parent.info.run_id
         if not resumed:
             self._log_inputs()
+            self.client.set_tag(self.parent_id, "mlflow.note.content", self._description())
         return self.parent_id
 
-    def tag_checkpoints(self, folder: Path) -> None:
-        self.client.set_tag(self.parent_id, "tltoolkit.checkpoints", str(folder))
+    def _unique(self, name: str) -> str:
+        """`name`, or `name #N` when the experiment has runs of that name already (the N-th of them)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string="tags.`tltoolkit.kind` = 'run'", max_results=5000
+        )
+        taken = {run.info.run_name for run in runs}
+        if name not in taken:
+            return name
+        return next(f"{name} #{n}" for n in range(2, len(taken) + 3) if f"{name} #{n}" not in taken)
+
+    def _description(self, result: SessionResult | None = None) -> str:
+        """The run in one paragraph (its MLflow description): recipe, backbone, data, stages and, at the end, scores."""
+        recipe, folder = self.recipe, self.folder
+        counts = " / ".join(f"{len(items)} {part}" for part, items in folder.parts.items())
+        stages = ", ".join(f"{s.name} ({s.epochs} epochs)" for s in recipe.stages)
+        text = (
+            f"Recipe {recipe.name or 'recipe'!r}: {backbone_label(recipe)} (weights {self.tags['tltoolkit.weights']}) "
+            f"at {recipe.data.image_size} px on {folder.root.resolve()} ({folder.num_classes} classes; {counts} "
+            f"images); stages {stages}."
+        )
+        if result is not None:
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.endswith("accuracy"))
+            text += f" Final model: {scores}."
+        return text
+
+    def tag_checkpoints(self, folder: Path | None) -> None:
+        """Tags where the run's checkpoints are, or (`None`, once they are removed) drops the tag."""
+        if folder is not None:
+            self.client.set_tag(self.parent_id, "tltoolkit.checkpoints", str(folder))
+        elif "tltoolkit.checkpoints" in self.client.get_run(self.parent_id).data.tags:
+            self.client.delete_tag(self.parent_id, "tltoolkit.checkpoints")
 
     def _log_inputs(self) -> None:
         """What a new run logs once: the flattened recipe, image counts, the resolved recipe and the data report."""
         folder, recipe = self.folder, self.recipe
         counts = {"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}}
         self._log_params(self.parent_id, {**recipe.flat(), **counts})
-        self.client.log_text(self.parent_id, dump_recipe(recipe), "recipe.yaml")
+        self.client.log_text(self.parent_id, self.saved_recipe, "recipe.yaml")
         log_data_report(self.client, self.parent_id, folder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
@@ -127,12 +181,13 @@ class RunTracker(TrainingHooks):
                 "tltoolkit.stage": stage.name,
                 "tltoolkit.stage_index": str(stage.index),
             }
-            run_id = self.client.create_run(self.experiment_id, run_name=stage.name, tags=tags).info.run_id
+            name = f"{self.run_name} / {stage.name}"
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.child_id = run_id
         if resume is not None:
-            self._log_missing_epochs(run_id, resume.rows)
+            self._log_missing_epochs(stage, resume.rows)
         if stage.kind == CLASSIFIER:  # Logged again on resume: the same values, in case the kill came before.
             prefix = f"stages.{stage.stream}."
             self._log_params(
@@ -151,23 +206,29 @@ class RunTracker(TrainingHooks):
         )
         return earlier[0].info.run_id if earlier else None
 
-    def _log_missing_epochs(self, run_id: str, rows: list[dict]) -> None:
+    def _log_missing_epochs(self, stage: PlannedStage, rows: list[dict]) -> None:
         """Epochs the checkpoint holds whose metrics did not reach MLflow before the kill (it is written first)."""
-        logged = {m.step for m in self.client.get_metric_history(run_id, "loss")}
-        now = int(time.time() * 1000)
-        missing = [
-            Metric(key, float(value), now, int(row["epoch"]))
-            for row in rows
-            if int(row["epoch"]) not in logged
-            for key, value in sorted(row.items())
-            if key != "epoch"
-        ]
-        if missing:
-            self.client.log_batch(run_id, metrics=missing)
+        logged = {
+            run_id: {m.step for m in self.client.get_metric_history(run_id, "loss")}
+            for run_id in (self.child_id, self.parent_id)
+        }
+        for row in rows:
+            epoch, logs = int(row["epoch"]), {k: float(v) for k, v in row.items() if k != "epoch"}
+            missing = {run_id for run_id, steps in logged.items() if global_step(stage, epoch) not in steps}
+            self._log_epoch(stage, epoch, logs, missing)
 
     def on_epoch_end(self, stage, epoch, logs):
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.child_id, metrics=[Metric(k, v, now, epoch) for k, v in sorted(logs.items())])
+        self._log_epoch(stage, epoch, logs, {self.child_id, self.parent_id})
+
+    def _log_epoch(self, stage: PlannedStage, epoch: int, logs: dict[str, float], runs: set[str]) -> None:
+        """The epoch on the stage's run and, for classifier stages, the curve keys on the parent too, both at the
+        global step (the head's epochs, then fine-tune's after them), so the parent's chart is the whole training."""
+        now, step = int(time.time() * 1000), global_step(stage, epoch)
+        if self.child_id in runs:
+            self.client.log_batch(self.child_id, metrics=[Metric(k, v, now, step) for k, v in sorted(logs.items())])
+        if stage.kind == CLASSIFIER and self.parent_id in runs:
+            curve = [Metric(k, logs[k], now, step) for k in CURVE_KEYS if k in logs]
+            self.client.log_batch(self.parent_id, metrics=curve)
 
     def on_stage_end(self, session, stage: PlannedStage, outcome: StageOutcome):
         if stage.kind == PRETRAIN:
@@ -270,8 +331,17 @@ class RunTracker(TrainingHooks):
         client, parent_id = self.client, self.parent_id
         log_curves(client, parent_id, result.history, self.run_name, "curves.png")
         client.log_text(parent_id, result.history.to_csv(index=False), "history.csv")
+        history = result.history
+        steps = [
+            global_step(s, e)
+            for s in session.plan
+            if s.kind == CLASSIFIER
+            for e in history.loc[history.stage == s.name, "epoch"]
+        ]
+        last = max(steps, default=0)  # The final scores sit at the last epoch's step: the run's latest values.
         for part, evaluation in result.evaluations.items():
-            log_evaluation(client, parent_id, evaluation, self.folder.class_names, part)
+            log_evaluation(client, parent_id, evaluation, self.folder.class_names, part, step=int(last))
+        client.set_tag(parent_id, "mlflow.note.content", self._description(result))
         anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
         if self.recipe.tracking.log_model:
             _logger.info("Logging the model to MLflow...")
@@ -279,7 +349,7 @@ class RunTracker(TrainingHooks):
                 self.session.training.model,
                 self.folder.class_names,
                 self.recipe.data.resize,
-                dump_recipe(self.recipe),
+                self.saved_recipe,
                 self.recipe.data.interpolation,
                 anomaly,
             )

@@ -21,11 +21,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from tltoolkit.errors import TrackingError
-from tltoolkit.recipe import Recipe, dump_recipe
+from tltoolkit.recipe import Recipe, dump_recipe, with_data
 from tltoolkit.stages.hooks import TrainingHooks
+from tltoolkit.stages.session import CLASSIFIER
 from tltoolkit.tracking.plots import search_figure
 from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
 from tltoolkit.tracking.reports import log_curves, log_evaluation
+from tltoolkit.tracking.runs import CURVE_KEYS, global_step
 from tltoolkit.tuning.space import describe, recipe_values
 
 _logger = logging.getLogger(__name__)
@@ -36,15 +38,23 @@ def _now() -> int:
 
 
 class TrialHooks(TrainingHooks):
-    """One execution of a trial: every epoch into the trial's run, keys prefixed by execution and stage."""
+    """One execution of a trial: every epoch into the trial's run, keys prefixed by execution and stage
+    (`head/loss`, `e1/head/loss`), stage-local steps. The first execution also logs the curve keys unprefixed at the
+    global step (`loss`, `val_accuracy`... over head then fine-tune), named as on a run's parent, so one picked
+    column or chart serves runs and trials alike."""
 
     def __init__(self, client: MlflowClient, run_id: str, execution: int = 0):
-        self.client, self.run_id = client, run_id
+        self.client, self.run_id, self.execution = client, run_id, execution
         self.prefix = f"e{execution}/" if execution else ""
+        self.last_step = 0  # The highest global step logged: where the trial's final scores go.
 
     def on_epoch_end(self, stage, epoch, logs):
-        prefix = f"{self.prefix}{stage.name}/"
-        metrics = [Metric(prefix + key, value, _now(), epoch) for key, value in sorted(logs.items())]
+        now, prefix = _now(), f"{self.prefix}{stage.name}/"
+        metrics = [Metric(prefix + key, value, now, epoch) for key, value in sorted(logs.items())]
+        if self.execution == 0 and stage.kind == CLASSIFIER:
+            step = global_step(stage, epoch)
+            metrics += [Metric(key, logs[key], now, step) for key in CURVE_KEYS if key in logs]
+            self.last_step = max(self.last_step, step)
         self.client.log_batch(self.run_id, metrics=metrics)
 
 
@@ -55,13 +65,15 @@ class TrialTracker:
         client: On the tracking store.
         experiment_id: The search's experiment.
         recipe: The search's recipe (its values are logged by dotted path).
+        data: The image folder and the unlabelled one (or `None`), recorded in every trial's saved recipe.
     """
 
-    def __init__(self, client: MlflowClient, experiment_id: str, recipe: Recipe):
-        self.client, self.experiment_id, self.recipe = client, experiment_id, recipe
+    def __init__(self, client: MlflowClient, experiment_id: str, recipe: Recipe, data: tuple = (".", None)):
+        self.client, self.experiment_id, self.recipe, self.data = client, experiment_id, recipe, data
         self.parent_id: str | None = None
         self.runs: dict[str, str] = {}  # Trial id -> its run, for the trials this process ran.
         self.open: str | None = None  # The run of the trial in progress.
+        self.first: TrialHooks | None = None  # The hooks of its first execution.
 
     def begin(self, trial, resolved: Recipe | None) -> str:
         """Makes the trial's run with its values and resolved recipe (`None`: the values make no valid recipe)."""
@@ -76,27 +88,32 @@ class TrialTracker:
             "tltoolkit.tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
             PROCESS_TAG: process_tag(),
         }
-        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags).info.run_id
+        search = self.recipe.search.name or self.recipe.name or "search"
+        name = f"{search} / trial {trial_id}"
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         self.runs[trial_id] = self.open = run_id
         shown = recipe_values(self.recipe, values)
         shown.update({k: v for k, v in values.items() if k.startswith("tuner/")})
         params = [Param(k, v if isinstance(v, str) else json.dumps(v)) for k, v in shown.items()]
         self.client.log_batch(run_id, params=params)
         if resolved is not None:
-            self.client.log_text(run_id, dump_recipe(resolved), "recipe.yaml")
+            self.client.log_text(run_id, dump_recipe(with_data(resolved, *self.data)), "recipe.yaml")
         return run_id
 
     def hooks(self, execution: int) -> TrialHooks:
-        return TrialHooks(self.client, self.open, execution)
+        hooks = TrialHooks(self.client, self.open, execution)
+        if execution == 0:
+            self.first = hooks
+        return hooks
 
     def record(self, trial_id: str, result, class_names: list[str]) -> None:
         """The trial's final scores, objective and wall time, the first execution's curves and evaluation."""
-        run_id = self.runs[trial_id]
+        run_id, step = self.runs[trial_id], self.first.last_step if self.first is not None else 0
         metrics = {**result.metrics, "objective": result.objective, "wall_s": result.wall_s}
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), _now(), 0) for k, v in metrics.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), _now(), step) for k, v in metrics.items()])
         first = result.history[result.history.execution == 0].drop(columns="execution")
         log_curves(self.client, run_id, first, f"trial {trial_id}", "curves.png")
-        log_evaluation(self.client, run_id, result.evaluation, class_names, "final_val")
+        log_evaluation(self.client, run_id, result.evaluation, class_names, "final_val", step=step)
 
     def end(self, status: str) -> None:
         """Ends the trial in progress: FINISHED, FAILED, or KILLED (Ctrl-C)."""
@@ -216,6 +233,12 @@ def log_search_summary(
         ],
     )
     client.set_tag(parent_id, "tltoolkit.best_trial", best.trial_id)
+    best_runs = table.loc[table.trial == best.trial_id, "run_id"].dropna()
+    for run_id in best_runs:  # Marked where the trials are listed: a tag to filter by, and its name.
+        client.set_tag(run_id, "tltoolkit.best", "true")
+        name = client.get_run(run_id).info.run_name
+        if not name.endswith("(best)"):
+            client.update_run(run_id, name=f"{name} (best)")
     values = recipe_values(recipe, best.hyperparameters.values)
     client.log_dict(
         parent_id, {"trial": best.trial_id, search.objective: best.score, "values": values}, "best_trial.json"

@@ -39,6 +39,21 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+def require_existing_store(uri: str) -> None:
+    """For commands that only read: a SQLite store that does not exist yet is a mistake (the wrong folder, say), not
+    something to create empty.
+
+    Raises:
+        TrackingError: Naming the missing file and how to point at the right store.
+    """
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(
+            f"No MLflow store at {uri.removeprefix('sqlite:///')}: nothing was tracked from this folder. Run the "
+            "command where you trained (the store is ./mlruns/mlflow.db there), or pass --tracking-uri (or "
+            "MLFLOW_TRACKING_URI)."
+        )
+
+
 def checkpoint_root(uri: str) -> Path:
     """Where runs keep their checkpoints: beside a SQLite store (`mlruns/checkpoints`), else `./checkpoints`."""
     if uri.startswith("sqlite:///"):
@@ -82,6 +97,17 @@ def _quiet_store_setup():
             logger.setLevel(level)
 
 
+# The MLflow UI opens an experiment in the view its kind names; without the tag it guesses, and guesses GenAI.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def mark_training_experiment(client, experiment_id: str) -> None:
+    """Tags the experiment as model training, so the MLflow UI shows its runs and charts (not the GenAI view)."""
+    key, value = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def connect(uri: str, experiment: str) -> str:
     """Points MLflow at `uri`, checks that it answers, and returns the id of `experiment` (created if needed).
 
@@ -110,8 +136,11 @@ def connect(uri: str, experiment: str) -> str:
         with _store_lock(uri), _quiet_store_setup():
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
-                return found.experiment_id
-            return mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+                experiment_id = found.experiment_id
+            else:
+                experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+            mark_training_experiment(mlflow.MlflowClient(uri), experiment_id)
+            return experiment_id
     except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy) for one cause.
         raise TrackingError(
             f"The MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "

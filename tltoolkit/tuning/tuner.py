@@ -11,6 +11,7 @@ raises `FatalError` (the search stops).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -122,6 +123,9 @@ class RecipeTuner(kt.engine.base_tuner.BaseTuner):
         self.recipe, self.runner, self.tracker = recipe, runner, tracker
 
     def on_trial_begin(self, trial) -> None:
+        values = recipe_values(self.recipe, trial.hyperparameters.values)
+        shown = ", ".join(f"{path}: {json.dumps(value)}" for path, value in values.items())
+        _logger.info("Trial %s: %s", trial.trial_id, shown)
         if self.tracker is None:
             return
         try:
