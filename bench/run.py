@@ -320,6 +320,77 @@ def semi_supervised(args) -> tuple[list[dict], dict]:
     return rows, figures
 
 
+def _timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """A command from a cold start: seconds to its first output line, seconds in all, and everything it printed."""
+    import subprocess
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = process.stdout.readline()
+    first_at = time.perf_counter() - started
+    rest = process.stdout.read()
+    process.wait()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{first}{rest}")
+    return first_at, time.perf_counter() - started, first + rest
+
+
+@benchmark
+def cold_start(args) -> tuple[list[dict], dict]:
+    """`tltoolkit predict` on one image from a cold start (a new process), by run id and by `.keras` file, against
+    the floor: a process that only imports TensorFlow and loads the `.keras` file. Time to the first output line and
+    in all; `noise_lines` counts TensorFlow's start-up notices among the lines printed."""
+    import tltoolkit
+    from tltoolkit.data.demo import write_digits
+    from tltoolkit.startup import is_notice
+
+    work = Path(args.workdir)
+    data = write_digits(work / "digits") / "train"
+    uri = args.tracking_uri or f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
+    recipe = {
+        "data": {"image_size": 32},
+        "backbone": {"name": "convnet_small", "weights": "none"},
+        "stages": [{"name": "head", "epochs": 1, "unfreeze": "all"}],
+    }
+    result = tltoolkit.run(recipe, data, tracking_uri=uri, experiment="bench-cold-start", verbose=0)
+    keras_file = work / "model.keras"
+    result.model.save(keras_file)
+    image = str(next((data / "3").iterdir()))
+    python = sys.executable
+    layers = "import keras, tltoolkit.model.layers, tltoolkit.backbones.preprocessing"
+    loads = f"{layers}; keras.saving.load_model({str(keras_file)!r}, compile=False)"
+    commands = {
+        "floor: import tensorflow + load .keras": [python, "-c", f"import tensorflow; {loads}; print('loaded')"],
+        "tltoolkit predict RUN_ID IMAGE": [
+            python,
+            "-m",
+            "tltoolkit",
+            "predict",
+            result.run_id,
+            image,
+            "--tracking-uri",
+            uri,
+        ],
+        "tltoolkit predict MODEL.keras IMAGE": [python, "-m", "tltoolkit", "predict", str(keras_file), image],
+    }
+    rows = []
+    for what, command in commands.items():
+        first, total, printed = _timed(command, work)
+        noise = sum(is_notice(line, driver=False) for line in printed.splitlines())
+        rows.append({"command": what, "first_line_s": round(first, 1), "wall_s": round(total, 1), "noise_lines": noise})
+    floor = rows[0]["wall_s"]
+    figures = {
+        f"{key}_{i}": row[key] for i, row in enumerate(rows) for key in ("first_line_s", "wall_s", "noise_lines")
+    }
+    figures.update(
+        {
+            "predict_run_id_over_floor": round(rows[1]["wall_s"] / floor, 2),
+            "predict_keras_over_floor": round(rows[2]["wall_s"] / floor, 2),
+        }
+    )
+    return rows, figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))

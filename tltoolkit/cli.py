@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tltoolkit.errors import TltoolkitError
+from tltoolkit.startup import quiet_tensorflow_startup
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tltoolkit` console script and `python -m tltoolkit`."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_startup()
     configure_logging(-1 if args.quiet else 1 if args.verbose else 0, data_on_stdout=args.command == "predict")
     try:
         return _dispatch(args)

@@ -11,20 +11,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
 from mlflow.types import Schema, TensorSpec
 
 from tltoolkit.errors import ModelLoadError
-
-with warnings.catch_warnings():
-    # Importing mlflow.pyfunc defines MLflow's own loaders, which warn about missing type hints.
-    warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
-    from mlflow.pyfunc import PythonModel
-
-MODEL_NAME = "model"
-_KERAS_FILE = "classifier.keras"
-_AUTOENCODER_FILE = "autoencoder.keras"
-# A run id or a prefix of one (as `compare` prints them), or an MLflow model URI.
-_REFERENCE = re.compile(r"^([0-9a-f]{1,32}|(runs|models):/.+)$")
 
 
 class KerasClassifierModel(PythonModel):
@@ -39,8 +29,18 @@ class KerasClassifierModel(PythonModel):
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True, compile=False)
 
-    def predict(self, context, model_input, params=None):
-        return np.asarray(self.model.predict(np.asarray(model_input, dtype=np.float32), verbose=0), dtype=np.float32)
+    # `np.ndarray` tells MLflow the input is a tensor batch checked by the logged signature (no schema from hints),
+    # which also keeps it from asking for type hints on every import.
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        probabilities = self.model.predict(np.asarray(model_input, dtype=np.float32), verbose=0)
+        return np.asarray(probabilities, dtype=np.float32)
+
+
+MODEL_NAME = "model"
+_KERAS_FILE = "classifier.keras"
+_AUTOENCODER_FILE = "autoencoder.keras"
+# A run id or a prefix of one (as `compare` prints them), or an MLflow model URI.
+_REFERENCE = re.compile(r"^([0-9a-f]{1,32}|(runs|models):/.+)$")
 
 
 @dataclass
