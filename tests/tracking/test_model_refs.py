@@ -19,7 +19,7 @@ def trained(tmp_path_factory):
     data = write_images(root / "photos", per_class=6)
     result = tltoolkit.run(tiny_recipe(), data, tracking_uri=uri, verbose=0)
     mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(f"runs:/{result.run_id}/model", "tiny-colours")
+    version = mlflow.register_model(result.model_uri, "tiny-colours")
     MlflowClient(uri).set_registered_model_alias("tiny-colours", "champion", version.version)
     return result, uri, data, root
 
@@ -33,13 +33,14 @@ def store(trained, monkeypatch):
 
 
 def references(result, root):
-    folder = mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model", dst_path=str(root / "download"))
+    folder = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(root / "download"))
     keras_file = root / "classifier.keras"
     result.model.save(keras_file)
     return {
         "run id": result.run_id,
         "run id prefix": result.run_id[:8],
-        "runs:/": f"runs:/{result.run_id}/model",
+        "runs:/<run>/model": f"runs:/{result.run_id}/model",  # The generic name: the run's own model.
+        "runs:/<run>/<model name>": f"runs:/{result.run_id}/tiny-test_tiny-photos",
         "models:/name/version": "models:/tiny-colours/1",
         "models:/name@alias": "models:/tiny-colours@champion",
         "models:/m-... (logged model id)": result.model_uri,
@@ -87,3 +88,25 @@ def test_unknown_and_ambiguous_prefixes_are_clear_errors(store):
         load_classifier("ffffffff")
     with pytest.raises(ModelLoadError, match="No model models:/nope@champion"):
         load_classifier("models:/nope@champion")
+
+
+def test_a_wrong_reference_fails_before_tensorflow_loads(tmp_path):
+    """A mistyped run id is answered in the time it takes to ask the store, not to start TensorFlow."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mlruns").mkdir()
+    probe = (
+        "import sys; from tltoolkit.tracking.models import load_classifier\n"
+        "try:\n    load_classifier('ffffffff')\nexcept Exception as exc:\n    print(type(exc).__name__)\n"
+        "print('tensorflow' in sys.modules)"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
+    ).stdout.split()
+    assert out == ["ModelLoadError", "False"], out

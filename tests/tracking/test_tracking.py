@@ -105,7 +105,9 @@ def test_logged_model_reloads_and_predicts_like_the_trained_model(finished, clie
     result, _, _ = finished
     pixels = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
     expected = result.model.predict(pixels, verbose=0)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    name = client.get_run(result.run_id).data.tags["tltoolkit.model_name"]
+    assert name == "tiny-test_tiny-images", "the model says whose it is"
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/{name}")
     probabilities = pyfunc.predict(pixels)
     assert probabilities.shape == (5, 3)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)

@@ -68,6 +68,7 @@ def test_tune_logs_a_parent_run_and_one_child_per_trial(image_folder, caplog):
         max(c.data.metrics["val_accuracy"] for c in children)
     )
     assert best_child.data.metrics["val_accuracy"] == pytest.approx(result.best_objective)
+    assert parent.data.metrics["val_accuracy"] == pytest.approx(result.best_objective), "one column for all runs"
     best_yaml = Path(client.download_artifacts(result.parent_run_id, "best_recipe.yaml"))
     best = load_recipe(best_yaml)
     assert best.search is None and best.head.dropout == pytest.approx(result.best_values["head.dropout"])

@@ -36,7 +36,8 @@ class KerasClassifierModel(PythonModel):
         return np.asarray(probabilities, dtype=np.float32)
 
 
-MODEL_NAME = "model"
+MODEL_NAME = "model"  # What `runs:/<run>/model` names; tltoolkit runs name their model and tag it (MODEL_TAG).
+MODEL_TAG = "tltoolkit.model_name"
 _KERAS_FILE = "classifier.keras"
 _AUTOENCODER_FILE = "autoencoder.keras"
 # A run id or a prefix of one (as `compare` prints them), or an MLflow model URI.
@@ -78,10 +79,12 @@ def log_classifier(
     recipe_yaml: str,
     interpolation: str = "antialiased",
     anomaly: dict | None = None,
+    name: str = MODEL_NAME,
 ) -> str:
-    """Logs `model` to the active run as an MLflow pyfunc model named `model`; returns its model URI.
+    """Logs `model` to the active run as an MLflow pyfunc model named `name`; returns its model URI.
 
     Args:
+        name: The logged model's name (see `model_name_for`); `runs:/<run>/<name>` names it in MLflow.
         anomaly: For autoencoder recipes: `{"autoencoder": path of its .keras file, "threshold": ..., "loss": "mse",
             "percentile": 99}`; the autoencoder travels inside the model and the rest in its metadata.
     """
@@ -115,7 +118,7 @@ def log_classifier(
                 }
             )
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
+            name=name,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts=artifacts,
             code_paths=[str(Path(tltoolkit.__file__).parent)],
@@ -144,11 +147,28 @@ def resolve_model_ref(ref: str) -> tuple[str, str | None]:
     """
     client = mlflow.MlflowClient()
     if ref.startswith("runs:/"):
-        return ref, ref.removeprefix("runs:/").split("/")[0]
+        run_id, _, path = ref.removeprefix("runs:/").partition("/")
+        if path == MODEL_NAME:  # The generic name stands for the run's own model, whatever it is called.
+            return f"runs:/{run_id}/{_model_name(client, run_id)}", run_id
+        return ref, run_id
     if ref.startswith("models:/"):
         return ref, _source_run(client, ref.removeprefix("models:/"))
     run_id = _run_with_prefix(client, ref)
-    return f"runs:/{run_id}/{MODEL_NAME}", run_id
+    return f"runs:/{run_id}/{_model_name(client, run_id)}", run_id
+
+
+def _model_name(client, run_id: str) -> str:
+    """The name of the model a run logged: its `tltoolkit.model_name` tag, else `model`."""
+    try:
+        return client.get_run(run_id).data.tags.get(MODEL_TAG, MODEL_NAME)
+    except Exception:  # An unknown run: the download that follows says so, with the store.
+        return MODEL_NAME
+
+
+def model_name_for(run_name: str) -> str:
+    """A logged model's name from its run's name, in letters, digits, `_` and `-` (MLflow refuses `/ : . % " '`,
+    and `#`, `[` or spaces would not survive in a `runs:/` URI)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-") or MODEL_NAME
 
 
 def _source_run(client, name: str) -> str | None:
@@ -214,11 +234,6 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     Raises:
         ModelLoadError: Nothing loadable at `ref`, or the model is not a tltoolkit classifier, or it is unsafe.
     """
-    import keras
-
-    import tltoolkit.backbones.preprocessing  # noqa: F401  (registers custom layers)
-    from tltoolkit.model.layers import class_names_of
-
     text = str(ref)
     path = Path(text).expanduser()
     run_id, resize, meta, autoencoder_file = None, "squash", {}, None
@@ -239,6 +254,11 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
             f"Model {text!r} is neither a file, a folder, a run id nor an MLflow URI; "
             "pass a .keras file, an MLflow model folder or the run id that `tltoolkit run` printed."
         )
+    import keras  # Only once the reference resolved: a wrong one fails before TensorFlow loads.
+
+    import tltoolkit.backbones.preprocessing  # noqa: F401  (registers custom layers)
+    from tltoolkit.model.layers import class_names_of
+
     try:
         model = keras.saving.load_model(keras_file, safe_mode=True, compile=False)
         autoencoder = (

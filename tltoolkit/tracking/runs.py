@@ -29,7 +29,7 @@ from tltoolkit.stages.checkpoint import Checkpoint, CheckpointStore
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors, samples
 from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, SessionResult, StageOutcome, TrainingSession
-from tltoolkit.tracking.models import log_classifier
+from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
 from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
 from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation, log_skipped_files
@@ -345,6 +345,8 @@ class RunTracker(TrainingHooks):
         anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
         if self.recipe.tracking.log_model:
             _logger.info("Logging the model to MLflow...")
+            name = model_name_for(self.run_name)  # Says whose it is in the UI's model lists.
+            client.set_tag(parent_id, MODEL_TAG, name)
             self.model_uri = log_classifier(
                 self.session.training.model,
                 self.folder.class_names,
@@ -352,6 +354,7 @@ class RunTracker(TrainingHooks):
                 self.saved_recipe,
                 self.recipe.data.interpolation,
                 anomaly,
+                name,
             )
         mlflow.end_run()
 

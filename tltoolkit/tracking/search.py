@@ -228,6 +228,7 @@ def log_search_summary(
         parent_id,
         metrics=[
             Metric(f"best_{search.objective}", float(best.score), _now(), step),
+            Metric(search.objective, float(best.score), _now(), step),  # Under the name runs and trials use too.
             Metric("trials_completed", float(len(completed)), _now(), step),
             Metric("trials_failed", float((table.status == "FAILED").sum()), _now(), step),
         ],
