@@ -241,38 +241,43 @@ def _serve_ui(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
     return process, found.group(1)
 
 
-def test_ui_announces_its_page_once_it_serves_and_refuses_a_taken_port(trained, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """`tltoolkit ui` on the module's store, started once (an MLflow server takes a while to come up)."""
+    process, page = _serve_ui(trained[1], tmp_path_factory.mktemp("ui") / "ui.log")
+    yield page
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def test_ui_announces_its_page_once_it_serves_and_refuses_a_taken_port(trained, served, capsys):
     import socket
     import urllib.request
 
     from mlflow import MlflowClient
 
     _, uri, _, run_id = trained
-    process, page = _serve_ui(uri, tmp_path / "ui.log")
-    try:
-        base = page.split("#")[0]
-        with urllib.request.urlopen(base + "health", timeout=5) as reply:
-            assert reply.status == 200, "announced only once it answers"
-        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
-        assert page.endswith(f"#/experiments/{experiment}/runs"), "the newest training's runs, not the welcome page"
-        tags = MlflowClient(uri).get_experiment(experiment).tags
-        assert tags["mlflow.experimentKind"] == "custom_model_development", "opens in the model-training view"
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            port = taken.getsockname()[1]
-            assert main(["ui", "--tracking-uri", uri, "--port", str(port)]) == 2
-        err = capsys.readouterr().err
-        assert f"Port {port} on 127.0.0.1 is taken" in err and f"pass --port {port + 1}" in err
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    page = served
+    base = page.split("#")[0]
+    with urllib.request.urlopen(base + "health", timeout=5) as reply:
+        assert reply.status == 200, "announced only once it answers"
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    assert page.endswith(f"#/experiments/{experiment}/runs"), "the newest training's runs, not the welcome page"
+    tags = MlflowClient(uri).get_experiment(experiment).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development", "opens in the model-training view"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert main(["ui", "--tracking-uri", uri, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"Port {port} on 127.0.0.1 is taken" in err and f"pass --port {port + 1}" in err
 
 
 @pytest.mark.skipif(
     shutil.which("chromium") is None,
     reason="needs a real browser: Debian's `chromium` package (apt-get install -y chromium)",
 )
-def test_a_browser_renders_the_compare_view_of_two_runs_by_name(trained, tmp_path):
+def test_a_browser_renders_the_compare_view_of_two_runs_by_name(trained, served, tmp_path):
     """Headless Chromium on `tltoolkit ui` (loopback): MLflow's compare page of two runs shows both run names."""
     import html
     import json
@@ -287,20 +292,14 @@ def test_a_browser_renders_the_compare_view_of_two_runs_by_name(trained, tmp_pat
     client = MlflowClient(uri)
     names = [client.get_run(r).info.run_name for r in (run_id, other)]
     assert names[0] != names[1], "runs that differ are named differently"
-    process, page = _serve_ui(uri, tmp_path / "ui.log")
-    try:
-        experiment = client.get_run(run_id).info.experiment_id
-        url = f"{page.split('#')[0]}#/compare-runs?runs={quote(json.dumps([run_id, other]))}"
-        url += f"&experiments={quote(json.dumps([experiment]))}"
-        browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000"]
-        dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=300).stdout
-        shot = tmp_path / "compare.png"
-        subprocess.run(
-            [*browser, f"--screenshot={shot}", "--window-size=1600,1200", url], capture_output=True, timeout=300
-        )
-        assert shot.is_file() and shot.stat().st_size > 10_000, "a screenshot of the rendered page"
-        text = html.unescape(dom)
-        assert all(name in text for name in names), names
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    page = served
+    experiment = client.get_run(run_id).info.experiment_id
+    url = f"{page.split('#')[0]}#/compare-runs?runs={quote(json.dumps([run_id, other]))}"
+    url += f"&experiments={quote(json.dumps([experiment]))}"
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=300).stdout
+    shot = tmp_path / "compare.png"
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1600,1200", url], capture_output=True, timeout=300)
+    assert shot.is_file() and shot.stat().st_size > 10_000, "a screenshot of the rendered page"
+    text = html.unescape(dom)
+    assert all(name in text for name in names), names

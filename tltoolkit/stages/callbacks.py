@@ -52,14 +52,17 @@ def fit_verbosity(verbose: int | None) -> int:
 
 
 class EpochRows(keras.callbacks.Callback):
-    """Every epoch's logs as `fit` reports them, continuing the rows of a resumed stage."""
+    """Every epoch's logs as `fit` reports them, plus the optimizer's `learning_rate`, continuing the rows of a
+    resumed stage (a checkpoint keeps them, so epochs the tracker missed before a kill can be logged whole)."""
 
     def __init__(self, rows: list[dict]):
         super().__init__()
         self.rows = rows
 
     def on_epoch_end(self, epoch, logs=None):
-        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+        row.setdefault("learning_rate", current_learning_rate(self.model.optimizer))
+        self.rows.append(row)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
