@@ -243,11 +243,16 @@ def _serve_ui(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def served(trained, tmp_path_factory):
-    """`tltoolkit ui` on the module's store, started once (an MLflow server takes a while to come up)."""
+    """`tltoolkit ui` on the module's store, started once (an MLflow server takes a while to come up); stopped with
+    SIGTERM, after which the MLflow server it started must be gone too."""
+    import urllib.request
+
     process, page = _serve_ui(trained[1], tmp_path_factory.mktemp("ui") / "ui.log")
     yield page
     process.terminate()
-    process.wait(timeout=60)
+    assert process.wait(timeout=60) == 0, "SIGTERM ends `tltoolkit ui` cleanly"
+    with pytest.raises(OSError):  # Connection refused: the server did not outlive the command.
+        urllib.request.urlopen(page.split("#")[0] + "health", timeout=5)
 
 
 def test_ui_announces_its_page_once_it_serves_and_refuses_a_taken_port(trained, served, capsys):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from tltoolkit.commands.interrupts import interrupts_raise
 from tltoolkit.errors import TltoolkitError
 from tltoolkit.tracking.store import mark_training_experiment, require_existing_store, resolve_tracking_uri
 
@@ -61,17 +64,31 @@ def ui(
     require_existing_store(uri)
     page = f"http://{host}:{port}/" + _training_page(uri)
     _check_port_free(host, port)
-    process = subprocess.Popen(command)
+    # Its own process group: the server's workers are stopped with it, whatever ends this command.
+    process = subprocess.Popen(command, start_new_session=True)
     try:
-        _wait_until_serving(process, host, port, timeout)
-        _logger.info("MLflow UI for %s at %s (Ctrl-C stops it)", uri, page)
-        return process.wait()
+        with interrupts_raise():  # SIGTERM too, so the server never outlives the command.
+            _wait_until_serving(process, host, port, timeout)
+            _logger.info("MLflow UI for %s at %s (Ctrl-C stops it)", uri, page)
+            return process.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after `grace` seconds if it is still there."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _training_page(uri: str) -> str:
