@@ -33,7 +33,6 @@ class ClassifierOutcome:
     history: pd.DataFrame  # One row per epoch run: epoch, loss, accuracy, val_loss, val_accuracy, learning_rate...
     trainable: TrainableSummary
     best_epoch: int | None  # 0-based epoch whose weights were restored (early stopping), else None.
-    stopped_early: bool
     cached_above: str | None = None  # Trained on cached features above this layer ("head": whole backbone frozen).
     eval_model: keras.Model | None = None  # Scores `eval_data` (the top model on cached features, else the classifier).
     eval_data: object = None  # Validation batches for `eval_model`, in file order.
@@ -164,9 +163,7 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     )
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
-    return ClassifierOutcome(
-        history, summary, best, bool(stopper and stopper.stopped_epoch), fit.cached_above, fit.eval_model, fit.eval_data
-    )
+    return ClassifierOutcome(history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data)
 
 
 def _early_stopping(run: StageRun) -> ResumableEarlyStopping | None:

@@ -252,7 +252,8 @@ class TrainingSession:
         with self.scope():
             outcome = self._fit_pretrain(stage, run) if stage.kind == PRETRAIN else self._fit_classifier(stage, run)
         hooks.on_stage_end(self, stage, outcome)
-        state = state.at_stage(stage.index + 1, histories=[*state.histories, outcome.history.to_dict("records")])
+        rows = outcome.history.drop(columns="stage", errors="ignore").to_dict("records")  # The plan names the stage.
+        state = state.at_stage(stage.index + 1, histories=[*state.histories, rows])
         if checkpoints is not None:
             checkpoints.save(state, {"model": variable_values(self.training.checkpoint_model.variables)})
         return state
