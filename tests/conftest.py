@@ -102,6 +102,15 @@ def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
     )
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_until(condition, process, timeout=120.0, what=""):
     deadline = time.monotonic() + timeout
     while not condition():

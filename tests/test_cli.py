@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_recipe, write_images
+from conftest import free_port, tiny_recipe, write_images
 
 from tltoolkit.cli import main
 from tltoolkit.commands.ui import ui_command
@@ -215,20 +215,12 @@ def test_the_library_is_quiet_and_the_cli_decides_what_is_shown(image_folder, tm
     assert "Stage 'head': 2 epoch(s)" in shown and "Done. val_accuracy" in shown and "tltoolkit ui" in shown
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _serve_ui(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
     """`tltoolkit ui` in a subprocess on a free loopback port; its announced page, once announced."""
     import re
     import time
 
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tltoolkit", "ui", "--tracking-uri", uri, "--port", str(port)],
         stdout=log.open("w"),

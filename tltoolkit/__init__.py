@@ -15,6 +15,8 @@ from tltoolkit.backbones import (
     register_backbone,
     register_weight_source,
 )
+from tltoolkit.commands.export import ExportOptions, ExportResult, export
+from tltoolkit.commands.register import register
 from tltoolkit.commands.run import RunResult, run
 from tltoolkit.commands.tune import Distributed, TuneResult, tune
 from tltoolkit.errors import TltoolkitError
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackboneCfg",
     "Distributed",
+    "ExportOptions",
+    "ExportResult",
     "Recipe",
     "RunResult",
     "TltoolkitError",
@@ -32,8 +36,10 @@ __all__ = [
     "WeightSource",
     "create_backbone",
     "get_backbone_cfg",
+    "export",
     "list_backbones",
     "load_recipe",
+    "register",
     "register_backbone",
     "register_weight_source",
     "run",

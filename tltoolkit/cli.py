@@ -45,6 +45,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="MLflow experiment (default: the recipe's tracking.experiment)")
 
 
+_MODEL_HELP = (
+    "run id or a unique prefix of one, runs:/ or models:/ URI (name/version, name@alias, m-...), MLflow model folder, "
+    ".keras file, or a folder of `tltoolkit export` (its .tflite, .onnx or saved_model/)"
+)
+
+
 def _add_tracking_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
@@ -80,6 +86,8 @@ def configure_logging(verbosity: int = 0, data_on_stdout: bool = False) -> None:
     for handler in [h for h in logger.handlers if isinstance(h, _Console)]:
         logger.removeHandler(handler)
     logger.addHandler(_Console(data_on_stdout))
+    # Shown once: some libraries (tf2onnx, absl) put a handler on the root logger, which would repeat every line.
+    logger.propagate = False
     logger.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
 
 
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the newest unfinished run of this same command (recipe, --set, --data) from its checkpoint, "
         "in the same MLflow runs; or the run RUN_ID",
     )
+    run.add_argument("--register", metavar="NAME", help="then put the model in the MLflow model registry as NAME")
 
     tune = command(
         "tune", help="keras-tuner search over the recipe's `search.space`; every trial an MLflow child run; resumable"
@@ -129,11 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_flag(demo)
 
     evaluate = command("evaluate", help="score a model on a labelled folder; logged to MLflow")
-    evaluate.add_argument(
-        "model",
-        help="run id or a unique prefix of one, runs:/ or models:/ URI (name/version, name@alias, m-...), "
-        "MLflow model folder, or .keras file",
-    )
+    evaluate.add_argument("model", help=_MODEL_HELP)
     evaluate.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
     evaluate.add_argument("--experiment")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
@@ -148,9 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="+",
         metavar="MODEL PATH",
-        help="the model (run id or a unique prefix, runs:/ or models:/ URI, MLflow model folder, or .keras file), "
-        "then image files or "
-        "folders; with --imagenet only images",
+        help="the model (run id or a unique prefix, runs:/ or models:/ URI, MLflow model folder, .keras file, or a "
+        "folder of `tltoolkit export`), then image files or folders; with --imagenet only images",
     )
     predict.add_argument(
         "--imagenet",
@@ -162,6 +166,36 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, help="classes per image (default: 3, or 5 with --imagenet)")
     predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
     _add_tracking_flag(predict)
+
+    export = command(
+        "export", help="export a model as SavedModel, TFLite or ONNX; verified against the Keras model; logged"
+    )
+    export.add_argument("model", help=_MODEL_HELP)
+    export.add_argument("--format", required=True, choices=["saved_model", "tflite", "onnx"])
+    export.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "float16", "dynamic", "int8"],
+        help="TFLite only: float16 weights, dynamic-range int8 weights, or int8 calibrated on training images",
+    )
+    export.add_argument("-o", "--output", metavar="DIR", help="folder to write (default: exports/<run>-<format>...)")
+    export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    export.add_argument("--data", help="the training image folder (default: the one in the model's recipe)")
+    export.add_argument(
+        "--resize-in-graph",
+        action="store_true",
+        help="the graph takes any image size and resizes (bilinear) itself, instead of already-resized pixels",
+    )
+    export.add_argument(
+        "--calibration-images", type=int, default=200, metavar="N", help="int8: training images to calibrate on"
+    )
+    _add_tracking_flag(export)
+
+    register = command("register", help="put a run's model in the MLflow model registry, optionally with an alias")
+    register.add_argument("model", help="run id or a unique prefix of one, or a runs:/ or models:/ URI")
+    register.add_argument("name", help="registered model name")
+    register.add_argument("--alias", action="append", default=[], help="alias to point at this version (repeatable)")
+    _add_tracking_flag(register)
 
     compare = command("compare", help="table of the store's runs and searches, stage metrics side by side")
     compare.add_argument("--experiment", help="only this experiment (default: every experiment in the store)")
@@ -208,9 +242,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     pd.set_option("display.max_columns", 40)
     verbose = 0 if args.quiet else None  # Keras progress: none, or a bar on a terminal and a line per epoch elsewhere.
     if args.command == "run":
+        from tltoolkit.commands.register import check_model_name, register
         from tltoolkit.commands.run import run
 
-        run(
+        if args.register:
+            check_model_name(args.register)  # Before training, not after.
+        result = run(
             _find_recipe(args.recipe),
             args.data,
             args.overrides,
@@ -220,6 +257,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             resume=args.resume,
             unlabeled=args.unlabeled,
         )
+        if args.register:
+            register(result.run_id, args.register, tracking_uri=result.tracking_uri)
     elif args.command == "tune":
         from tltoolkit.commands.tune import Distributed, tune
 
@@ -257,6 +296,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             table = predict(args.items[0], args.items[1:], args.top_k or 3, args.output, args.tracking_uri)
         if not args.output:
             table.to_csv(sys.stdout, index=False, float_format="%.6f")
+    elif args.command == "export":
+        from tltoolkit.commands.export import ExportOptions, export
+
+        options = ExportOptions(args.resize_in_graph, args.calibration_images)
+        where = (args.output, args.data, args.tracking_uri, args.overwrite)
+        export(args.model, args.format, args.quantize, *where, options)
+    elif args.command == "register":
+        from tltoolkit.commands.register import register
+
+        register(args.model, args.name, args.alias, args.tracking_uri)
     elif args.command == "compare":
         from tltoolkit.commands.compare import compare
         from tltoolkit.tracking.store import resolve_tracking_uri

@@ -32,3 +32,12 @@ class ModelLoadError(TltoolkitError, ValueError):
 
 class ResumeError(TltoolkitError, RuntimeError):
     """A training cannot be resumed: nothing to resume, or its checkpoint no longer fits the recipe or data."""
+
+
+class ExportError(TltoolkitError, ValueError):
+    """A model cannot be exported as asked: an unknown format or quantization, an op a format lacks, an exported
+    artifact that disagrees with the Keras model, or an output folder that exists."""
+
+
+class RegistryError(TltoolkitError, ValueError):
+    """A registered model name or alias MLflow would refuse, or a model that cannot be registered."""

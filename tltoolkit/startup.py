@@ -51,7 +51,7 @@ class _QuietStart(importlib.abc.MetaPathFinder):
         load = spec.loader.exec_module
 
         def exec_module(module):
-            with _captured_stderr() as lines:
+            with captured_stderr() as lines:
                 load(module)
                 module.config.list_physical_devices()  # Probes CUDA now, inside the capture.
             driver = has_nvidia_driver()
@@ -63,7 +63,7 @@ class _QuietStart(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _captured_stderr:
+class captured_stderr:
     """File descriptor 2 into a temporary file for the block; its lines are in the list it yields."""
 
     def __enter__(self) -> list[str]:

@@ -1,11 +1,10 @@
 import json
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, tiny_recipe, wait_until
+from conftest import cli, free_port, tiny_recipe, wait_until
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -166,12 +165,6 @@ def test_search_killed_in_trial_0_and_in_a_later_trial_resumes_with_the_same_com
     oracle = json.loads((project / "oracle.json").read_text())
     assert sorted(oracle["end_order"]) == ["0", "1", "2"] and not oracle["ongoing_trials"]
     assert "Resuming search 'tiny'" in log.read_text()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_chief_and_two_workers_run_every_trial_once(image_folder, tmp_path):

@@ -49,6 +49,8 @@ def evaluate(
         _logger.warning("Skipped %s: %s", item.path, item.reason)
     config = loaded.data_config(batch_size)
     probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
+    if loaded.export_format is not None:  # A quantized artifact's outputs sum to 1 only within its int8 steps.
+        probabilities = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12)
     evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
     _logger.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import warnings
@@ -10,15 +11,20 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types import Schema, TensorSpec
 
 from tltoolkit.errors import ModelLoadError
 
 
 class KerasClassifierModel(PythonModel):
-    """pyfunc wrapper: a float32 batch of raw RGB images `(N, H, W, 3)` in [0, 255] -> probabilities `(N, classes)`."""
+    """pyfunc wrapper: images in, class probabilities out; what `mlflow models serve` and `pyfunc.load_model` run.
+
+    Takes either a float32 batch of raw RGB pixels `(N, H, W, 3)` in [0, 255] at the model's size (returns the
+    `(N, classes)` probabilities), or images a client can send over HTTP: a DataFrame with a column `image` (base64
+    of the file's bytes, or the bytes) or `path` (files readable where the model runs), or a list of such strings.
+    Those are decoded and resized exactly as training read its images, and each row gets `class`, `probability` and
+    `probabilities` (class name -> probability).
+    """
 
     def load_context(self, context):
         # Importing the package registers its custom layers for Keras's safe-mode loading.
@@ -28,14 +34,93 @@ class KerasClassifierModel(PythonModel):
         import tltoolkit.model.layers  # noqa: F401
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True, compile=False)
+        self.class_names = tltoolkit.model.layers.class_names_of(self.model)
+        self.reading = _image_reading(context, int(self.model.input_shape[1]))
 
-    # `np.ndarray` tells MLflow the input is a tensor batch checked by the logged signature (no schema from hints),
-    # which also keeps it from asking for type hints on every import.
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        probabilities = self.model.predict(np.asarray(model_input, dtype=np.float32), verbose=0)
-        return np.asarray(probabilities, dtype=np.float32)
+    # `np.ndarray` keeps MLflow from inferring a schema from the hint (it cannot from this one) and from enforcing
+    # one: the model takes tensors and image columns alike, so it is logged without a signature.
+    def predict(self, context, model_input: np.ndarray, params=None):
+        images = _encoded_images(model_input)
+        if images is None:
+            probabilities = self.model.predict(np.asarray(model_input, dtype=np.float32), verbose=0)
+            return np.asarray(probabilities, dtype=np.float32)
+        pixels = np.stack([_decode(kind, value, self.reading, row) for row, (kind, value) in enumerate(images)])
+        probabilities = np.asarray(self.model.predict(pixels.astype(np.float32), verbose=0), dtype=np.float64)
+        import pandas as pd
+
+        best = probabilities.argmax(axis=1)
+        return pd.DataFrame(
+            {
+                "class": [self.class_names[i] for i in best],
+                "probability": probabilities[np.arange(len(best)), best],
+                "probabilities": [dict(zip(self.class_names, map(float, row))) for row in probabilities],
+            }
+        )
 
 
+def _image_reading(context, size: int) -> dict:
+    """How training read images (`model_config` of the logged model; older models: their recipe artifact)."""
+    config = dict(getattr(context, "model_config", None) or {})
+    if "resize" not in config and "recipe" in context.artifacts:
+        import yaml
+
+        recipe = yaml.safe_load(Path(context.artifacts["recipe"]).read_text(encoding="utf-8")) or {}
+        config = {key: (recipe.get("data") or {}).get(key) for key in ("resize", "interpolation")}
+    return {
+        "size": size,
+        "resize": config.get("resize") or "squash",
+        "interpolation": config.get("interpolation") or "antialiased",
+    }
+
+
+def _encoded_images(model_input) -> list[tuple[str, object]] | None:
+    """`(kind, value)` per image for image columns or lists of strings (`kind`: `image` or `path`); `None` for
+    pixel tensors."""
+    import pandas as pd
+
+    if isinstance(model_input, dict) and len(model_input) == 1:  # {"inputs": {"image": [...]}}
+        ((key, value),) = model_input.items()
+        model_input = pd.DataFrame({key: list(value)}) if key in ("image", "path") else value
+    if isinstance(model_input, pd.DataFrame):
+        for kind in ("image", "path"):
+            if kind in model_input.columns:
+                return [(kind, value) for value in model_input[kind]]
+        if all(dtype.kind == "O" for dtype in model_input.dtypes):
+            raise ValueError(
+                f"Got columns {list(model_input.columns)}; send images in a column `image` (base64 of the file) or "
+                "`path`, or pixels as a float32 tensor (N, H, W, 3)."
+            )
+        return None
+    array = np.asarray(model_input)
+    if array.dtype.kind in "USO" and array.ndim == 1:
+        return [("image", value) for value in array]
+    return None
+
+
+def _decode(kind: str, value, reading: dict, row: int) -> np.ndarray:
+    import base64
+    import binascii
+    import io
+
+    from tltoolkit.data.images import UnreadableImage, load_image_array
+
+    try:
+        if kind == "path":
+            source = str(value)
+        elif isinstance(value, bytes | bytearray):
+            source = io.BytesIO(value)
+        else:
+            source = io.BytesIO(base64.b64decode(str(value), validate=True))
+        return load_image_array(source, reading["size"], reading["resize"], reading["interpolation"])
+    except (UnreadableImage, binascii.Error, OSError) as exc:
+        what = f"path {str(value)[:200]!r}" if kind == "path" else "its base64 `image`"
+        raise ValueError(f"Row {row}: cannot read {what}: {exc}") from None
+
+
+INPUTS = (
+    "float32 RGB pixels (N, image_size, image_size, 3) in [0, 255] -> probabilities (N, classes); or a column `image` "
+    "(base64 of image files) or `path` -> columns class, probability, probabilities (resized as in training)"
+)
 MODEL_NAME = "model"  # What `runs:/<run>/model` names; tltoolkit runs name their model and tag it (MODEL_TAG).
 MODEL_TAG = "tltoolkit.model_name"
 _KERAS_FILE = "classifier.keras"
@@ -58,6 +143,8 @@ class LoadedClassifier:
     autoencoder: keras.Model | None = None  # noqa: F821  (autoencoder recipes: scores reconstruction error)
     anomaly_threshold: float | None = None  # Errors above it are flagged (a percentile of the training images').
     anomaly_loss: str = "mse"
+    recipe_yaml: str | None = None  # The resolved recipe it was trained with (MLflow models carry it).
+    export_format: str | None = None  # Set for an exported artifact (`model` is then an `ExportedModel`).
 
     def data_config(self, batch_size: int = 32):
         """How this model's images are read: its size, resize mode and filter, as in training (no caching)."""
@@ -94,20 +181,17 @@ def log_classifier(
     import tltoolkit
 
     size = int(model.input_shape[1])
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, size, size, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)))]),
-    )
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # The signature is explicit; an input example would store a full image as JSON.
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        # No signature on purpose (see `KerasClassifierModel.predict`); the accepted inputs are in the metadata.
+        warnings.filterwarnings("ignore", message=".*(input example|signature).*")
         warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
         keras_path = Path(tmp) / _KERAS_FILE
         model.save(keras_path)
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(recipe_yaml)
         artifacts = {"keras_model": str(keras_path), "recipe": str(recipe_path)}
-        metadata = {"class_names": class_names, "image_size": size, "resize": resize, "interpolation": interpolation}
+        reading = {"image_size": size, "resize": resize, "interpolation": interpolation}
+        metadata = {"class_names": class_names, **reading, "inputs": INPUTS}
         if anomaly is not None:
             artifacts["autoencoder"] = str(anomaly["autoencoder"])
             metadata.update(
@@ -117,23 +201,34 @@ def log_classifier(
                     "anomaly_percentile": float(anomaly["percentile"]),
                 }
             )
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts=artifacts,
-            code_paths=[str(Path(tltoolkit.__file__).parent)],
-            signature=signature,
-            pip_requirements=[
-                f"tensorflow=={tf.__version__}",
-                f"keras=={keras.__version__}",
-                f"mlflow=={mlflow.__version__}",
-                "pillow",
-                "pyyaml",
-                "pydantic",
-            ],
-            metadata=metadata,
-        )
+        pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+        level = pyfunc_logger.level
+        pyfunc_logger.setLevel(logging.ERROR)  # "Failed to infer model signature": there is none on purpose.
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts=artifacts,
+                code_paths=[str(Path(tltoolkit.__file__).parent)],
+                model_config=reading,
+                pip_requirements=[
+                    f"tensorflow=={tf.__version__}",
+                    f"keras=={keras.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                    "pillow",
+                    "pyyaml",
+                    "pydantic",
+                ],
+                metadata=metadata,
+            )
+        finally:
+            pyfunc_logger.setLevel(level)
     return info.model_uri
+
+
+def is_model_reference(text: str) -> bool:
+    """Whether `text` looks like a run id (or prefix) or an MLflow model URI rather than a path."""
+    return bool(_REFERENCE.match(text))
 
 
 def resolve_model_ref(ref: str) -> tuple[str, str | None]:
@@ -227,7 +322,8 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     """Loads a tltoolkit classifier (Keras safe mode on: a model with a Lambda layer is refused).
 
     Args:
-        ref: A `.keras` file, an MLflow model folder, a run id of `tltoolkit run` (or a unique prefix of one), or a
+        ref: A `.keras` file, an MLflow model folder, a folder of `tltoolkit export` (or its `.tflite`, `.onnx` or
+            `saved_model/`), a run id of `tltoolkit run` (or a unique prefix of one), or a
             `runs:/`, `models:/<name>/<version>`, `models:/<name>@<alias>` or `models:/m-...` URI (see
             `resolve_model_ref`).
 
@@ -236,7 +332,10 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
     """
     text = str(ref)
     path = Path(text).expanduser()
-    run_id, resize, meta, autoencoder_file = None, "squash", {}, None
+    exported = _load_export(path, text)
+    if exported is not None:
+        return exported
+    run_id, resize, meta, autoencoder_file, recipe_file = None, "squash", {}, None, None
     if path.is_file():
         keras_file = path
     elif path.is_dir() or _REFERENCE.match(text):
@@ -245,6 +344,7 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
             iter(sorted(folder.rglob("*.keras"))), None
         )
         autoencoder_file = next(iter(sorted(folder.rglob(_AUTOENCODER_FILE))), None)
+        recipe_file = next(iter(sorted(folder.rglob("recipe.yaml"))), None)
         if keras_file is None or not (folder / "MLmodel").is_file():
             raise ModelLoadError(f"{text} is not a tltoolkit MLflow model folder (no MLmodel and .keras file in it).")
         meta = _mlmodel_metadata(folder / "MLmodel")
@@ -288,6 +388,27 @@ def load_classifier(ref: str | Path) -> LoadedClassifier:
         autoencoder,
         meta.get("anomaly_threshold"),
         meta.get("anomaly_loss", "mse"),
+        recipe_file.read_text(encoding="utf-8") if recipe_file else None,
+    )
+
+
+def _load_export(path: Path, text: str) -> LoadedClassifier | None:
+    """An artifact of `tltoolkit export` (its folder, file or `saved_model/`), or `None` if `path` is not one."""
+    from tltoolkit.deploy.artifacts import ExportedModel, find_export
+
+    found = find_export(path)
+    if found is None:
+        return None
+    artifact, meta = found
+    return LoadedClassifier(
+        ExportedModel(artifact, meta.format),
+        meta.class_names,
+        meta.image_size,
+        meta.resize,
+        text,
+        meta.run_id,
+        meta.interpolation,
+        export_format=meta.format,
     )
 
 
