@@ -391,6 +391,62 @@ def cold_start(args) -> tuple[list[dict], dict]:
     return rows, figures
 
 
+EXPORTS = [
+    ("saved_model", "none", False),
+    ("tflite", "none", False),
+    ("tflite", "float16", False),
+    ("tflite", "dynamic", False),
+    ("tflite", "int8", False),
+    ("onnx", "none", False),
+    ("tflite", "none", True),
+]
+
+
+@benchmark
+def export(args) -> tuple[list[dict], dict]:
+    """recipes/mobilenet_v2.yaml trained on ants vs bees, then exported to every format and quantization (and TFLite
+    with resizing in the graph): size, val accuracy, top-1 agreement and largest probability difference against
+    the Keras model, and latency per image at batch 1, Keras's beside each (measured in the same pass)."""
+    import tltoolkit
+    from tltoolkit.commands.export import ExportOptions
+
+    data = Path(args.data) if args.data else HYMENOPTERA
+    args.tracking_uri = args.tracking_uri or f"sqlite:///{Path(args.workdir) / 'mlruns' / 'mlflow.db'}"
+    _, trained = _run_recipe(args, "mobilenet_v2.yaml", data, "bench-export")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(args.tracking_uri)
+    experiment = client.get_experiment_by_name("bench-export")
+    run = client.search_runs([experiment.experiment_id], "tags.`tltoolkit.kind` = 'run'", max_results=1)[0]
+    rows, figures = [], {"keras_val_accuracy": trained["val_accuracy"]}
+    for fmt, quantize, in_graph in EXPORTS:
+        started = time.perf_counter()
+        done = tltoolkit.export(
+            run.info.run_id,
+            fmt,
+            quantize,
+            Path(args.workdir) / "exports" / f"{fmt}-{quantize}-{in_graph}",
+            tracking_uri=args.tracking_uri,
+            options=ExportOptions(resize_in_graph=in_graph),
+        )
+        report, val = done.report, done.report["splits"]["val"]
+        row = {
+            "artifact": report["artifact"],
+            "size_mb": round(report["size_bytes"] / 1e6, 2),
+            "val_accuracy": round(val["accuracy"], 4),
+            "accuracy_drop": round(val["accuracy_drop"], 4),
+            "top1_agreement": round(val["top1_agreement"], 4),
+            "max_abs_diff": float(f"{val['max_abs_diff']:.2e}"),
+            "ms_per_image": report["latency_ms"]["artifact"],
+            "keras_ms_per_image": report["latency_ms"]["keras"],
+            "export_s": round(time.perf_counter() - started, 1),
+        }
+        rows.append(row)
+        for key in ("size_mb", "val_accuracy", "top1_agreement", "max_abs_diff", "ms_per_image"):
+            figures[f"{row['artifact']}_{key}"] = row[key]
+    return rows, figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))

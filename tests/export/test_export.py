@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     data = write_images(root / "photos", per_class=8)
-    result = tltoolkit.run(tiny_recipe(), data, tracking_uri=uri, verbose=0)
+    recipe = tiny_recipe(head={"dropout": 0.3})  # Dropout must not reach any exported graph.
+    result = tltoolkit.run(recipe, data, tracking_uri=uri, verbose=0)
     return result, uri, data, root
 
 
@@ -139,6 +140,8 @@ def test_bad_requests_are_refused_before_any_work(store, tmp_path):
         export(result.run_id, "coreml")
     with pytest.raises(ExportError, match="does not apply to format 'saved_model'.*tflite option"):
         export(result.run_id, "saved_model", "int8")
+    with pytest.raises(ExportError, match="--calibration-images must be at least 1 .got 0."):
+        export(result.run_id, "tflite", "int8", options=ExportOptions(calibration_images=0))
     with pytest.raises(ModelLoadError, match="No run id starts with 'ffffff'"):
         export("ffffff", "tflite", output=tmp_path / "x")
     taken = tmp_path / "taken"

@@ -81,6 +81,11 @@ def export(
     """
     options = options or ExportOptions()
     spec = ExportSpec(format, quantize, options.resize_in_graph).check()
+    if options.calibration_images < 1 or not options.tolerance > 0:
+        raise ExportError(
+            f"--calibration-images must be at least 1 (got {options.calibration_images}) and the tolerance positive "
+            f"(got {options.tolerance})."
+        )
     if output is not None:
         _check_output(Path(output), overwrite)
     import mlflow
@@ -100,6 +105,8 @@ def export(
     result = _write(loaded, spec, splits, calibration, output, options)
     if loaded.run_id:
         _log_to_run(loaded.run_id, result)
+    else:
+        _logger.info("Not logged to MLflow: %s comes from no run (a run id or models:/ URI would be).", model)
     return result
 
 

@@ -102,7 +102,11 @@ def graph_model(model, resize: str, resize_in_graph: bool):
         fill_value=0.0,
         name="resize",
     )(inputs)
-    return keras.Model(inputs, model(resized), name=f"{model.name}_any_size")
+    # Wrapped in InferenceMode: a nested model called from another one would get the outer call's `training` flag,
+    # and the exported graph would then hold its dropout's random ops (Flex ops in TFLite).
+    from tltoolkit.model.layers import InferenceMode
+
+    return keras.Model(inputs, InferenceMode(model, name="classifier")(resized), name=f"{model.name}_any_size")
 
 
 def write_saved_model(model, path: Path) -> None:
