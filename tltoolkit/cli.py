@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
     evaluate.add_argument("--experiment")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    evaluate.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "flip", "flip_crops"],
+        help="also score with test-time augmentation (image + mirror; + 4 corner crops), beside the plain scores",
+    )
     _add_tracking_flag(evaluate)
 
     predict = command(
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", help="for --imagenet: the weight source (default: one usable offline)")
     predict.add_argument("--top-k", type=int, help="classes per image (default: 3, or 5 with --imagenet)")
     predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
+    predict.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "flip", "flip_crops"],
+        help="average each image's prediction over its mirror (and 4 corner crops): test-time augmentation",
+    )
     _add_tracking_flag(predict)
 
     export = command(
@@ -284,7 +296,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from tltoolkit.commands.evaluate import evaluate
 
-        evaluate(args.model, args.data, args.tracking_uri, args.experiment, log=not args.no_log)
+        evaluate(args.model, args.data, args.tracking_uri, args.experiment, log=not args.no_log, tta=args.tta)
     elif args.command == "predict":
         from tltoolkit.commands.predict import predict, predict_imagenet
 
@@ -293,7 +305,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif len(args.items) < 2:
             raise TltoolkitError("give the model, then image files or folders (or --imagenet and images only)")
         else:
-            table = predict(args.items[0], args.items[1:], args.top_k or 3, args.output, args.tracking_uri)
+            table = predict(
+                args.items[0], args.items[1:], args.top_k or 3, args.output, args.tracking_uri, tta=args.tta
+            )
         if not args.output:
             table.to_csv(sys.stdout, index=False, float_format="%.6f")
     elif args.command == "export":

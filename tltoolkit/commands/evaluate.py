@@ -18,6 +18,7 @@ def evaluate(
     experiment: str | None = None,
     batch_size: int = 32,
     log: bool = True,
+    tta: str = "none",
 ) -> Evaluation:
     """Scores `model` on a class-per-subfolder folder (its `test/`, else `val/`, where it has train/ + val/).
 
@@ -28,9 +29,11 @@ def evaluate(
         experiment: Where to log. Defaults to the source run's experiment, or `tltoolkit`.
         batch_size: Images per prediction batch. Defaults to 32.
         log: Log an MLflow run tagged `tltoolkit.kind=evaluate`. Defaults to `True`.
+        tta: Also score with test-time augmentation, `flip` or `flip_crops` (see `tltoolkit.model.tta`), reported
+            and logged beside the plain scores (`eval_tta_*`). Defaults to `none`.
 
     Returns:
-        The `Evaluation` (metrics, confusion matrix, per-class report).
+        The `Evaluation` (metrics, confusion matrix, per-class report), with `.tta` holding the augmented scores.
     """
     import mlflow
     import numpy as np
@@ -47,12 +50,21 @@ def evaluate(
     items, skipped = labelled_images(data, loaded.class_names)
     for item in skipped:
         _logger.warning("Skipped %s: %s", item.path, item.reason)
-    config = loaded.data_config(batch_size)
-    probabilities = loaded.model.predict(image_batches([p for p, _ in items], config), verbose=0)
-    if loaded.export_format is not None:  # A quantized artifact's outputs sum to 1 only within its int8 steps.
-        probabilities = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12)
-    evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
+    batches = image_batches([p for p, _ in items], loaded.data_config(batch_size))
+    labels = np.array([label for _, label in items])
+    evaluation = evaluate_probabilities(
+        labels, _normalised(loaded, loaded.model.predict(batches, verbose=0)), loaded.class_names
+    )
+    if tta != "none":
+        from tltoolkit.model.tta import predict_tta
+
+        probabilities = _normalised(loaded, predict_tta(loaded.model, batches, tta))
+        evaluation.tta = evaluate_probabilities(labels, probabilities, loaded.class_names)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
+    if evaluation.tta is not None:
+        scores += f"\n  with test-time augmentation ({tta}): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in evaluation.tta.metrics.items()
+        )
     _logger.info(
         "Evaluated %d images of %s with %s:\n  %s\n%s",
         len(items),
@@ -67,3 +79,12 @@ def evaluate(
         run_id = log_evaluation_run(uri, evaluation, loaded, model, data, skipped, experiment)
         _logger.info("Logged as MLflow run %s.", run_id)
     return evaluation
+
+
+def _normalised(loaded, probabilities):
+    """A quantized artifact's outputs sum to 1 only within its int8 steps; scores want probabilities."""
+    import numpy as np
+
+    if loaded.export_format is None:
+        return probabilities
+    return probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12)

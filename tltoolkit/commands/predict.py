@@ -21,6 +21,7 @@ def predict(
     output: str | Path | None = None,
     tracking_uri: str | None = None,
     batch_size: int = 32,
+    tta: str = "none",
 ) -> pd.DataFrame:
     """Predicts the classes of images.
 
@@ -31,6 +32,8 @@ def predict(
         output: Write the CSV here. Defaults to printing it on stdout.
         tracking_uri: MLflow store, to resolve run ids. Defaults as for `run`.
         batch_size: Images per batch. Defaults to 32.
+        tta: `flip` or `flip_crops`: the mean prediction over fixed views of each image (test-time augmentation,
+            see `tltoolkit.model.tta`). Defaults to `none`.
 
     Returns:
         One row per readable image: `path`, then `class_1`, `probability_1`, ... `class_k`, `probability_k`; for a
@@ -47,7 +50,13 @@ def predict(
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     loaded = load_classifier(model)
     config = loaded.data_config(batch_size)
-    probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
+    if tta != "none":
+        from tltoolkit.model.tta import predict_tta
+
+        probabilities = predict_tta(loaded.model, image_batches(images, config), tta)
+        _logger.info("Probabilities are means over test-time augmentation views (%s).", tta)
+    else:
+        probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
     extra = {}
     if loaded.autoencoder is not None:
         errors = _reconstruction_errors(loaded, image_batches(images, config))

@@ -7,30 +7,40 @@ import keras
 
 @keras.saving.register_keras_serializable(package="tltoolkit")
 class Classifier(keras.layers.Dense):
-    """The output layer: a softmax `Dense` that also carries the class names, so they travel with the model.
+    """The output layer: a softmax `Dense` that also carries the class names and its calibration temperature, so
+    both travel with the model (and into every export).
 
     Args:
         class_names: Class names in label order; the layer has one unit per name.
-        **kwargs: Passed to `keras.layers.Dense` (activation defaults to softmax).
+        temperature: Divides the logits before the softmax (temperature scaling; 1 leaves them as trained). Set
+            after training by calibration; it never changes which class wins.
+        **kwargs: Passed to `keras.layers.Dense` (the activation is always softmax).
 
     Example:
         >>> layer = Classifier(["ants", "bees"])
-        >>> layer.units, layer.class_names
-        (2, ['ants', 'bees'])
+        >>> layer.units, layer.class_names, layer.temperature
+        (2, ['ants', 'bees'], 1.0)
     """
 
-    def __init__(self, class_names, **kwargs):
+    def __init__(self, class_names, temperature: float = 1.0, **kwargs):
         kwargs.pop("units", None)
-        kwargs.setdefault("activation", "softmax")
+        kwargs.pop("activation", None)  # Models saved before `temperature` carry "softmax" here.
         # Probabilities stay float32 under mixed precision.
         kwargs.setdefault("dtype", "float32")
-        super().__init__(len(class_names), **kwargs)
+        super().__init__(len(class_names), activation=None, **kwargs)
         self.class_names = [str(name) for name in class_names]
+        self.temperature = float(temperature)
+
+    def call(self, inputs):
+        logits = super().call(inputs)
+        if self.temperature != 1.0:  # A Python branch: models at 1 compute exactly what they always did.
+            logits = logits / self.temperature
+        return keras.ops.softmax(logits, axis=-1)
 
     def get_config(self):
         config = super().get_config()
         config.pop("units")
-        return {**config, "class_names": self.class_names}
+        return {**config, "class_names": self.class_names, "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="tltoolkit")

@@ -259,6 +259,21 @@ class PretrainConfig(_Section):
     autoencoder: AutoencoderConfig = Field(AutoencoderConfig(), description="The autoencoder and its training.")
 
 
+class EvaluationConfig(_Section):
+    calibrate: bool = Field(
+        True,
+        description="After the last stage, fit a softmax temperature on the val split (temperature scaling; needs at "
+        "least 30 val images) and store it in the model, so predict, the MLflow model and exports give calibrated "
+        "probabilities; never changes the predicted class. `val_ece_uncalibrated` and `val_ece` are logged.",
+    )
+    tta: Literal["none", "flip", "flip_crops"] = Field(
+        "none",
+        description="Test-time augmentation scored beside the plain final scores (`<part>_tta_accuracy`, ...): the "
+        "mean prediction over the image and its mirror (`flip`), plus four corner crops and their mirrors "
+        "(`flip_crops`). The plain scores are never replaced.",
+    )
+
+
 class TrackingConfig(_Section):
     experiment: str = Field("tltoolkit", min_length=1, description="MLflow experiment; `--experiment` overrides it.")
     run_name: str | None = Field(None, description="Defaults to `<recipe>-<backbone>-<dataset>`.")
@@ -377,6 +392,9 @@ class Recipe(_Section):
         min_length=1,
         description="Trained in order; by default `head` (frozen backbone, Adam 1e-3, 5 epochs) then `finetune` "
         "(all unfrozen, Adam 1e-5, 5 epochs). Each starts with a fresh optimizer and a recompile.",
+    )
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), description="How the final model is scored: calibration, test-time augmentation."
     )
     tracking: TrackingConfig = Field(TrackingConfig(), description="Where and how runs are logged (MLflow).")
     search: SearchConfig | None = Field(None, description="What `tltoolkit tune` searches; `run` ignores it.")

@@ -29,6 +29,7 @@ from tltoolkit.backbones import create_backbone
 from tltoolkit.backbones.encoder import architecture_of, build_encoder
 from tltoolkit.data import ImageFolder
 from tltoolkit.model import check_points
+from tltoolkit.model.calibration import Calibration, calibrate, rescored
 from tltoolkit.model.metrics import Evaluation, evaluate_items
 from tltoolkit.recipe import Recipe, StageConfig
 from tltoolkit.stages.callbacks import HookEpochs, StageRun
@@ -92,13 +93,24 @@ class SessionResult:
     stage_runs: dict[str, str]  # Stage name -> the id its hooks kept (an MLflow run id).
     state: TrainingState
     stage_evaluations: dict[str, Evaluation] = field(default_factory=dict)  # Classifier stages run in this process.
+    calibration: Calibration | None = None  # The temperature fitted on val after the last stage (`evaluations` use it).
+    tta: dict[str, Evaluation] = field(default_factory=dict)  # Part -> scores with test-time augmentation.
 
     @property
     def metrics(self) -> dict[str, float]:
-        """`<part>_<metric>`, e.g. `val_accuracy`, `test_loss`."""
-        return {
+        """`<part>_<metric>`, e.g. `val_accuracy`, `test_loss`; `<part>_tta_<metric>` with test-time augmentation;
+        `val_ece_uncalibrated` and `temperature` when calibrated."""
+        scores = {
             f"{part}_{k}": v for part, evaluation in self.evaluations.items() for k, v in evaluation.metrics.items()
         }
+        scores.update(
+            {f"{part}_tta_{k}": v for part, evaluation in self.tta.items() for k, v in evaluation.metrics.items()}
+        )
+        if self.calibration is not None:
+            scores.update(
+                {"val_ece_uncalibrated": self.calibration.ece_before, "temperature": self.calibration.temperature}
+            )
+        return scores
 
 
 @dataclass
@@ -292,4 +304,33 @@ class TrainingSession:
                 probabilities = self.training.model.predict(batches, verbose=0)
                 evaluations[part] = evaluate_items(self.folder.parts[part], probabilities, self.folder.class_names)
         stage_runs = {self.plan[int(i)].name: run_id for i, run_id in state.stage_runs.items()}
-        return SessionResult(history, evaluations, stage_runs, state, dict(self._stage_evals))
+        calibration = self._calibrate(evaluations)
+        tta = self._tta(evaluations)
+        return SessionResult(history, evaluations, stage_runs, state, dict(self._stage_evals), calibration, tta)
+
+    def _calibrate(self, evaluations: dict[str, Evaluation]) -> Calibration | None:
+        """Fits the model's temperature on val (recipe `evaluation.calibrate`) and rescores every part with it."""
+        if not self.recipe.evaluation.calibrate or "val" not in evaluations:
+            return None
+        names = self.folder.class_names
+        calibration = calibrate(self.training.model, evaluations["val"], names)
+        if calibration is not None:
+            for part, evaluation in evaluations.items():
+                evaluations[part] = rescored(evaluation, calibration.temperature, names)
+        return calibration
+
+    def _tta(self, evaluations: dict[str, Evaluation]) -> dict[str, Evaluation]:
+        """The final model scored with the recipe's test-time augmentation (`evaluation.tta`), part by part."""
+        mode = self.recipe.evaluation.tta
+        if mode == "none":
+            return {}
+        from tltoolkit.model.tta import predict_tta
+
+        return {
+            part: evaluate_items(
+                self.folder.parts[part],
+                predict_tta(self.training.model, self.training.eval[part], mode),
+                self.folder.class_names,
+            )
+            for part in evaluations
+        }

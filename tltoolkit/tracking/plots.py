@@ -151,3 +151,25 @@ def error_histogram(errors: np.ndarray, threshold: float, title: str = "") -> pl
     if title:
         ax.set_title(title)
     return fig
+
+
+def reliability_figure(before: pd.DataFrame, after: pd.DataFrame, temperature: float, ece: tuple[float, float]):
+    """Reliability diagram: accuracy against top-1 confidence per bin, before and after temperature scaling."""
+    figure, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for table, label, marker in (
+        (before, f"as trained (ECE {ece[0]:.3f})", "o"),
+        (after, f"temperature {temperature:.2f} (ECE {ece[1]:.3f})", "s"),
+    ):
+        used = table[table.images > 0]
+        ax.plot(used.confidence, used.accuracy, marker=marker, label=label)
+    ax.set(
+        xlabel="confidence (top-1 probability)",
+        ylabel="accuracy",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+        title="Calibration on the val split",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return figure

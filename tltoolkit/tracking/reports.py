@@ -11,7 +11,7 @@ from mlflow.entities import Metric
 
 from tltoolkit.data import ImageFolder, SkippedFile, skipped_frame
 from tltoolkit.model.metrics import Evaluation
-from tltoolkit.tracking.plots import confusion_figure, curves_figure
+from tltoolkit.tracking.plots import confusion_figure, curves_figure, reliability_figure
 
 
 def log_data_report(client: MlflowClient, run_id: str, folder: ImageFolder) -> None:
@@ -44,6 +44,27 @@ def log_evaluation(
     plt.close(figure)
     client.log_text(run_id, evaluation.report.to_csv(index=False), f"evaluation/{part}_classification_report.csv")
     client.log_text(run_id, report_text(evaluation, class_names), f"evaluation/{part}_classification_report.txt")
+
+
+def log_calibration(client: MlflowClient, run_id: str, calibration, step: int = 0) -> None:
+    """`val_ece_uncalibrated` and `temperature` (`val_ece` comes with the val scores), the reliability diagram and
+    its table."""
+    now = int(time.time() * 1000)
+    metrics = {"val_ece_uncalibrated": calibration.ece_before, "temperature": calibration.temperature}
+    client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
+    ece = (calibration.ece_before, calibration.ece_after)
+    figure = reliability_figure(
+        calibration.reliability_before, calibration.reliability_after, calibration.temperature, ece
+    )
+    client.log_figure(run_id, figure, "calibration/reliability.png")
+    plt.close(figure)
+    table = pd.concat(
+        [
+            calibration.reliability_before.assign(model="as trained"),
+            calibration.reliability_after.assign(model="calibrated"),
+        ]
+    )
+    client.log_text(run_id, table.to_csv(index=False), "calibration/reliability.csv")
 
 
 def report_text(evaluation: Evaluation, class_names: list[str]) -> str:
@@ -86,6 +107,8 @@ def log_evaluation_run(uri: str, evaluation: Evaluation, loaded, model, data, sk
             tags["mlflow.parentRunId"] = loaded.run_id
     run_id = client.create_run(experiment_id, run_name=f"evaluate-{dataset}", tags=tags).info.run_id
     log_evaluation(client, run_id, evaluation, loaded.class_names, "eval")
+    if evaluation.tta is not None:
+        log_evaluation(client, run_id, evaluation.tta, loaded.class_names, "eval_tta")
     log_skipped_files(client, run_id, skipped)
     client.set_terminated(run_id, "FINISHED")
     return run_id

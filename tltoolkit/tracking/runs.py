@@ -32,7 +32,13 @@ from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, Session
 from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
 from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
-from tltoolkit.tracking.reports import log_curves, log_data_report, log_evaluation, log_skipped_files
+from tltoolkit.tracking.reports import (
+    log_calibration,
+    log_curves,
+    log_data_report,
+    log_evaluation,
+    log_skipped_files,
+)
 from tltoolkit.tracking.store import checkpoint_root
 
 _logger = logging.getLogger(__name__)
@@ -341,6 +347,10 @@ class RunTracker(TrainingHooks):
         last = max(steps, default=0)  # The final scores sit at the last epoch's step: the run's latest values.
         for part, evaluation in result.evaluations.items():
             log_evaluation(client, parent_id, evaluation, self.folder.class_names, part, step=int(last))
+        for part, evaluation in result.tta.items():
+            log_evaluation(client, parent_id, evaluation, self.folder.class_names, f"{part}_tta", step=int(last))
+        if result.calibration is not None:
+            log_calibration(client, parent_id, result.calibration, step=int(last))
         client.set_tag(parent_id, "mlflow.note.content", self._description(result))
         anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
         if self.recipe.tracking.log_model:
