@@ -68,6 +68,8 @@ def tiny_recipe(**sections) -> dict:
         "data": {"image_size": 32, "batch_size": 8, "val_split": 0.25},
         "backbone": {"name": "test_tiny", "weights": "none", "freeze": "all"},
         "head": {"dropout": 0.0},
+        # The interpretation report (about a second a run) is tested on its own, in tests/model/test_interpret.py.
+        "evaluation": {"top_losses": 0},
         "stages": [
             {"name": "head", "epochs": 2, "optimizer": {"learning_rate": 1e-2}},
             {"name": "finetune", "epochs": 1, "unfreeze": "all", "optimizer": {"learning_rate": 1e-4}},

@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tracking_flag(evaluate)
 
+    explain = command(
+        "explain", help="most confused classes, top-loss images and Grad-CAM heat maps of a model on a labelled folder"
+    )
+    explain.add_argument("model", help=_MODEL_HELP)
+    explain.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
+    explain.add_argument("-o", "--output", metavar="DIR", help="where the files go (default: explain-<folder name>)")
+    explain.add_argument("--top", type=int, default=8, metavar="N", help="top-loss images to show (default: 8)")
+    explain.add_argument("--experiment")
+    explain.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    _add_tracking_flag(explain)
+
     predict = command(
         "predict",
         help="predict classes of images; CSV of path, top-k classes, probabilities",
@@ -297,6 +308,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tltoolkit.commands.evaluate import evaluate
 
         evaluate(args.model, args.data, args.tracking_uri, args.experiment, log=not args.no_log, tta=args.tta)
+    elif args.command == "explain":
+        from tltoolkit.commands.explain import explain
+
+        explain(args.model, args.data, args.output, args.top, args.tracking_uri, args.experiment, not args.no_log)
     elif args.command == "predict":
         from tltoolkit.commands.predict import predict, predict_imagenet
 

@@ -272,6 +272,13 @@ class EvaluationConfig(_Section):
         "mean prediction over the image and its mirror (`flip`), plus four corner crops and their mirrors "
         "(`flip_crops`). The plain scores are never replaced.",
     )
+    top_losses: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="The interpretation report after the run (most confused classes, the val images with the highest "
+        "loss, Grad-CAM heat maps over them, under `interpretation/`): how many images; 0 turns it off.",
+    )
 
 
 class TrackingConfig(_Section):

@@ -173,3 +173,43 @@ def reliability_figure(before: pd.DataFrame, after: pd.DataFrame, temperature: f
     ax.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def _plain(text: str) -> str:
+    """A class name or path as literal text in a title (a `$` would start matplotlib's mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
+def top_losses_figure(interpretation, columns: int = 4):
+    """The top-loss images in a grid, each titled true / predicted (probability) and its loss."""
+    table, images = interpretation.top_losses, interpretation.images
+    count = max(1, len(table))
+    rows = int(np.ceil(count / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (_, row), image in zip(axes.flat, table.iterrows(), images):
+        ax.imshow(image)
+        mark = "" if row["true"] == row["predicted"] else "wrong: "
+        ax.set_title(
+            f"{mark}{_plain(row['true'])[:20]} -> {_plain(row['predicted'])[:20]}\n"
+            f"p={row['probability']:.2f}  loss {row['loss']:.2f}",
+            fontsize=8,
+            color="firebrick" if mark else "black",
+        )
+    figure.suptitle("Top losses (highest first)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def gradcam_figure(image: np.ndarray, heatmap: np.ndarray, title: str):
+    """The image, and the Grad-CAM heat map laid over it."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(5.2, 2.9))
+    left.imshow(image)
+    right.imshow(image)
+    right.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    for ax in (left, right):
+        ax.axis("off")
+    figure.suptitle(_plain(title), fontsize=8)
+    figure.tight_layout()
+    return figure

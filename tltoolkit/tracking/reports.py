@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -11,7 +12,13 @@ from mlflow.entities import Metric
 
 from tltoolkit.data import ImageFolder, SkippedFile, skipped_frame
 from tltoolkit.model.metrics import Evaluation
-from tltoolkit.tracking.plots import confusion_figure, curves_figure, reliability_figure
+from tltoolkit.tracking.plots import (
+    confusion_figure,
+    curves_figure,
+    gradcam_figure,
+    reliability_figure,
+    top_losses_figure,
+)
 
 
 def log_data_report(client: MlflowClient, run_id: str, folder: ImageFolder) -> None:
@@ -67,6 +74,38 @@ def log_calibration(client: MlflowClient, run_id: str, calibration, step: int = 
     client.log_text(run_id, table.to_csv(index=False), "calibration/reliability.csv")
 
 
+def save_interpretation(interpretation, folder: Path) -> Path:
+    """`most_confused.csv`, `top_losses.csv` and `.png`, and `gradcam/<rank>_<file>.png` in `folder` (small PNGs:
+    8 images by default, 100 dpi)."""
+    folder = Path(folder)
+    (folder / "gradcam").mkdir(parents=True, exist_ok=True)
+    interpretation.most_confused.to_csv(folder / "most_confused.csv", index=False)
+    interpretation.top_losses.to_csv(folder / "top_losses.csv", index=False)
+    figure = top_losses_figure(interpretation)
+    figure.savefig(folder / "top_losses.png", dpi=100)
+    plt.close(figure)
+    for rank, ((_, row), image, heatmap) in enumerate(
+        zip(interpretation.top_losses.iterrows(), interpretation.images, interpretation.heatmaps), start=1
+    ):
+        title = f"{Path(row['path']).name}: {row['true']} -> {row['predicted']} ({row['probability']:.2f})"
+        figure = gradcam_figure(image, heatmap, title)
+        figure.savefig(folder / "gradcam" / f"{rank:02d}_{_safe(Path(row['path']).stem[:60])}.png", dpi=100)
+        plt.close(figure)
+    return folder
+
+
+def log_interpretation(client: MlflowClient, run_id: str, interpretation) -> None:
+    """The files of `save_interpretation` under the run's `interpretation/`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifacts(run_id, str(save_interpretation(interpretation, Path(tmp))), "interpretation")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "image"
+
+
 def report_text(evaluation: Evaluation, class_names: list[str]) -> str:
     """The per-class report and the confusion matrix as plain text, as printed to the console."""
     matrix = pd.DataFrame(evaluation.confusion, index=class_names, columns=class_names)
@@ -81,9 +120,11 @@ def log_curves(client: MlflowClient, run_id: str, history: pd.DataFrame, title: 
     plt.close(figure)
 
 
-def log_evaluation_run(uri: str, evaluation: Evaluation, loaded, model, data, skipped, experiment: str | None) -> str:
-    """An MLflow run of `tltoolkit evaluate` (tagged `tltoolkit.kind=evaluate`), beside the run that trained the
-    model unless `experiment` is named; returns its id."""
+def log_evaluation_run(
+    uri: str, evaluation: Evaluation, loaded, model, data, skipped, experiment: str | None, kind: str = "evaluate"
+) -> str:
+    """An MLflow run of `tltoolkit evaluate` (tagged `tltoolkit.kind=evaluate`; `explain` passes its own `kind`),
+    beside the run that trained the model unless `experiment` is named; returns its id."""
     from pathlib import Path
 
     from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
@@ -96,7 +137,7 @@ def log_evaluation_run(uri: str, evaluation: Evaluation, loaded, model, data, sk
         experiment_id = connect(uri, experiment or "tltoolkit")
     dataset = Path(data).resolve().name
     tags = {
-        "tltoolkit.kind": "evaluate",
+        "tltoolkit.kind": kind,
         "tltoolkit.model": str(model),
         "tltoolkit.dataset": dataset,
         PROCESS_TAG: process_tag(),
@@ -105,7 +146,7 @@ def log_evaluation_run(uri: str, evaluation: Evaluation, loaded, model, data, sk
         tags["tltoolkit.source_run"] = loaded.run_id
         if not experiment:  # Nested under the run that trained the model, in the UI's runs table.
             tags["mlflow.parentRunId"] = loaded.run_id
-    run_id = client.create_run(experiment_id, run_name=f"evaluate-{dataset}", tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=f"{kind}-{dataset}", tags=tags).info.run_id
     log_evaluation(client, run_id, evaluation, loaded.class_names, "eval")
     if evaluation.tta is not None:
         log_evaluation(client, run_id, evaluation.tta, loaded.class_names, "eval_tta")

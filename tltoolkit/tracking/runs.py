@@ -37,6 +37,7 @@ from tltoolkit.tracking.reports import (
     log_curves,
     log_data_report,
     log_evaluation,
+    log_interpretation,
     log_skipped_files,
 )
 from tltoolkit.tracking.store import checkpoint_root
@@ -351,6 +352,8 @@ class RunTracker(TrainingHooks):
             log_evaluation(client, parent_id, evaluation, self.folder.class_names, f"{part}_tta", step=int(last))
         if result.calibration is not None:
             log_calibration(client, parent_id, result.calibration, step=int(last))
+        if self.recipe.evaluation.top_losses and "val" in result.evaluations:
+            self._log_interpretation(result.evaluations["val"])
         client.set_tag(parent_id, "mlflow.note.content", self._description(result))
         anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
         if self.recipe.tracking.log_model:
@@ -367,6 +370,15 @@ class RunTracker(TrainingHooks):
                 name,
             )
         mlflow.end_run()
+
+    def _log_interpretation(self, val) -> None:
+        """Most confused classes, top losses and Grad-CAM of the final model on the val split."""
+        from tltoolkit.model.interpret import interpret
+
+        paths = [path for path, _ in self.folder.parts["val"]]
+        model, names = self.session.training.model, self.folder.class_names
+        found = interpret(model, paths, val, names, self.recipe.data, self.recipe.evaluation.top_losses)
+        log_interpretation(self.client, self.parent_id, found)
 
     def _final_autoencoder(self, result: SessionResult) -> dict:
         """Logs the final encoder to the parent run; returns the anomaly scorer and threshold to log with the model.
