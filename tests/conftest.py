@@ -37,6 +37,14 @@ def _isolated(tmp_path, monkeypatch):
     yield
 
 
+def use_store(uri: str, monkeypatch) -> None:
+    """Points MLflow, and every command through MLFLOW_TRACKING_URI, at the store `uri` for one test."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+
+
 def write_images(
     root: Path,
     classes: dict[str, tuple[int, int, int]] | None = None,

@@ -58,6 +58,10 @@ def _add_tracking_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tta_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--tta", default="none", choices=["none", "flip", "flip_crops"], help=what)
+
+
 class _Console(logging.Handler):
     """The `tltoolkit` logger's messages on the terminal: information on stdout (on stderr where stdout carries
     data, as `predict`'s CSV), warnings and errors on stderr.
@@ -142,11 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
     evaluate.add_argument("--experiment")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
-    evaluate.add_argument(
-        "--tta",
-        default="none",
-        choices=["none", "flip", "flip_crops"],
-        help="also score with test-time augmentation (image + mirror; + 4 corner crops), beside the plain scores",
+    _add_tta_flag(
+        evaluate, "also score with test-time augmentation (image + mirror; + 4 corner crops) beside the plain scores"
     )
     _add_tracking_flag(evaluate)
 
@@ -182,12 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", help="for --imagenet: the weight source (default: one usable offline)")
     predict.add_argument("--top-k", type=int, help="classes per image (default: 3, or 5 with --imagenet)")
     predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
-    predict.add_argument(
-        "--tta",
-        default="none",
-        choices=["none", "flip", "flip_crops"],
-        help="average each image's prediction over its mirror (and 4 corner crops): test-time augmentation",
-    )
+    _add_tta_flag(predict, "average each image's prediction over its mirror (and 4 corner crops)")
     _add_tracking_flag(predict)
 
     export = command(

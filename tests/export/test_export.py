@@ -6,7 +6,7 @@ import json
 import mlflow
 import numpy as np
 import pytest
-from conftest import tiny_recipe, write_images
+from conftest import tiny_recipe, use_store, write_images
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -43,8 +43,7 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def store(trained, monkeypatch):
     result, uri, data, root = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri, monkeypatch)
     return trained
 
 

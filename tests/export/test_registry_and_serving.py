@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port, tiny_recipe, wait_until, write_images
+from conftest import free_port, tiny_recipe, use_store, wait_until, write_images
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -37,8 +37,7 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def store(trained, monkeypatch):
     _, uri, _, _ = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri, monkeypatch)
     return trained
 
 
@@ -151,4 +150,5 @@ def test_mlflow_models_serve_answers_images_posted_over_http(store, tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-    assert not _serving(port), "the server is stopped"
+    # uvicorn, a child in the same process group, finishes its graceful shutdown after MLflow's own process ends.
+    wait_until(lambda: not _serving(port), None, timeout=30, what="the model server to stop")

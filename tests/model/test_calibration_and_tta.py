@@ -2,11 +2,10 @@
 the plain scores, never instead of them)."""
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_recipe, write_images
+from conftest import tiny_recipe, use_store, write_images
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -85,8 +84,7 @@ def noisy_run(tmp_path_factory):
 
 def test_a_run_calibrates_logs_it_and_every_loader_applies_it(noisy_run, monkeypatch):
     result, data, uri = noisy_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri, monkeypatch)
     temperature = result.metrics["temperature"]
     assert temperature != 1.0 and {"val_ece", "val_ece_uncalibrated"} <= set(result.metrics)
     run = MlflowClient(uri).get_run(result.run_id)
@@ -106,8 +104,7 @@ def test_a_run_calibrates_logs_it_and_every_loader_applies_it(noisy_run, monkeyp
 
 def test_tta_is_scored_beside_the_plain_scores(noisy_run, monkeypatch):
     result, data, uri = noisy_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri, monkeypatch)
     assert {"val_accuracy", "val_tta_accuracy", "val_tta_loss"} <= set(result.metrics)
     assert "val_tta_accuracy" in MlflowClient(uri).get_run(result.run_id).data.metrics
     evaluation = evaluate(result.run_id, data, tta="flip_crops")

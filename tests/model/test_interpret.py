@@ -5,7 +5,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_recipe, write_images
+from conftest import tiny_recipe, use_store, write_images
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -40,8 +40,7 @@ def test_every_run_logs_its_interpretation(trained):
 
 def test_explain_names_the_highest_loss_files_and_maps_them(trained, tmp_path, monkeypatch):
     result, data, uri = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri, monkeypatch)
     found = explain(result.run_id, data, tmp_path / "out", top_losses=5)
     table = predict(result.run_id, [data], top_k=3)  # Independently: every image's loss from its probabilities.
     names = sorted(CLASSES)

@@ -3,7 +3,7 @@ model id), a model folder, a .keras file."""
 
 import mlflow
 import pytest
-from conftest import tiny_recipe, write_images
+from conftest import tiny_recipe, use_store, write_images
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -27,8 +27,7 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def store(trained, monkeypatch):
     result, uri, data, root = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri, monkeypatch)
     return result, uri, data, root
 
 
