@@ -269,3 +269,22 @@ def test_a_trial_whose_values_clash_is_skipped_and_a_dead_store_stops_the_search
         tltoolkit.tune(recipe, image_folder, verbose=0)
     parents, runs = trial_runs(client, "dead-store")
     assert [p.info.status for p in parents] == ["FAILED"] and [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_trials_score_the_model_as_trained_without_calibration_or_tta(tmp_path, monkeypatch):
+    """Enough val images to calibrate, and a recipe asking for it and for TTA: a trial does neither."""
+    from conftest import write_images
+
+    from tltoolkit.tuning.tuner import TrialRunner
+
+    data = write_images(tmp_path / "many", per_class=40)
+
+    def refuse(*args):
+        raise AssertionError("a trial calibrated")
+
+    monkeypatch.setattr("tltoolkit.stages.session.calibrate", refuse)
+    recipe = load_recipe(
+        tiny_recipe(evaluation={"calibrate": True, "tta": "flip"}, stages=[{"name": "head", "epochs": 1}])
+    )
+    result = TrialRunner(str(data), verbose=0).run(recipe, 1, "val_accuracy")
+    assert "val_accuracy" in result.metrics and not any("tta" in key for key in result.metrics)

@@ -214,6 +214,10 @@ class TrialRunner:
         """
         started = time.perf_counter()
         folder = self.folder(recipe)
+        # A trial scores the model as trained: a temperature fitted on the very split that ranks the trials would
+        # bias a loss objective, and test-time augmentation scores are not what is ranked.
+        plain = recipe.evaluation.model_copy(update={"calibrate": False, "tta": "none"})
+        recipe = recipe.model_copy(update={"evaluation": plain})
         histories, finals, evaluation = [], [], None
         stage_scores: dict[str, list[float]] = {}
         for execution in range(executions):
