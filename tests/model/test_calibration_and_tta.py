@@ -39,7 +39,7 @@ def test_an_overconfident_models_ece_drops_and_the_temperature_lives_in_the_mode
     model = _classifier_model()
     x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
     before = model.predict(x, verbose=0)
-    calibration = calibrate(model, evaluate_probabilities(labels, probabilities, ["a", "b"]), ["a", "b"])
+    calibration = calibrate(model, evaluate_probabilities(labels, probabilities, ["a", "b"]))
     assert calibration.temperature > 2, "over-confident: soften"
     assert calibration.ece_after < calibration.ece_before / 3
     assert calibration.ece_before == pytest.approx(expected_calibration_error(labels, probabilities))
@@ -55,7 +55,7 @@ def test_an_overconfident_models_ece_drops_and_the_temperature_lives_in_the_mode
 def test_no_temperature_from_too_few_images_or_a_perfect_split():
     labels, probabilities = _overconfident(20)
     model = _classifier_model()
-    assert calibrate(model, evaluate_probabilities(labels, probabilities, ["a", "b"]), ["a", "b"]) is None
+    assert calibrate(model, evaluate_probabilities(labels, probabilities, ["a", "b"])) is None
     perfect = np.eye(2)[labels] * 0.9 + 0.05
     assert fit_temperature(labels, perfect) is None
     assert model.layers[-1].temperature == 1.0

@@ -47,7 +47,7 @@ def set_temperature(model, temperature: float) -> None:
     model.predict_function = None  # Traced with the old value; rebuilt on the next predict.
 
 
-def calibrate(model, val: Evaluation, class_names: list[str]) -> Calibration | None:
+def calibrate(model, val: Evaluation) -> Calibration | None:
     """Fits a temperature on the val predictions `val` and stores it in `model`; `None` (model untouched) when the
     split is too small to fit one."""
     labels, probabilities = val.labels, val.probabilities

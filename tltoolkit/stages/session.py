@@ -313,7 +313,7 @@ class TrainingSession:
         if not self.recipe.evaluation.calibrate or "val" not in evaluations:
             return None
         names = self.folder.class_names
-        calibration = calibrate(self.training.model, evaluations["val"], names)
+        calibration = calibrate(self.training.model, evaluations["val"])
         if calibration is not None:
             for part, evaluation in evaluations.items():
                 evaluations[part] = rescored(evaluation, calibration.temperature, names)
