@@ -45,10 +45,11 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="MLflow experiment (default: the recipe's tracking.experiment)")
 
 
-_MODEL_HELP = (
+_KERAS_MODEL_HELP = (
     "run id or a unique prefix of one, runs:/ or models:/ URI (name/version, name@alias, m-...), MLflow model folder, "
-    ".keras file, or a folder of `tltoolkit export` (its .tflite, .onnx or saved_model/)"
+    "or .keras file"
 )
+_MODEL_HELP = f"{_KERAS_MODEL_HELP}; or a folder of `tltoolkit export` (its .tflite, .onnx or saved_model/)"
 
 
 def _add_tracking_flag(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = command(
         "explain", help="most confused classes, top-loss images and Grad-CAM heat maps of a model on a labelled folder"
     )
-    explain.add_argument("model", help=_MODEL_HELP)
+    explain.add_argument("model", help=_KERAS_MODEL_HELP)
     explain.add_argument("data", help="class-per-subfolder folder (its test/ or val/ if it has train/)")
     explain.add_argument("-o", "--output", metavar="DIR", help="where the files go (default: explain-<folder name>)")
     explain.add_argument("--top", type=int, default=8, metavar="N", help="top-loss images to show (default: 8)")
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = command(
         "export", help="export a model as SavedModel, TFLite or ONNX; verified against the Keras model; logged"
     )
-    export.add_argument("model", help=_MODEL_HELP)
+    export.add_argument("model", help=_KERAS_MODEL_HELP)
     export.add_argument("--format", required=True, choices=["saved_model", "tflite", "onnx"])
     export.add_argument(
         "--quantize",
