@@ -216,3 +216,19 @@ def test_an_export_without_its_metadata_is_refused(store, exported, tmp_path):
         load_classifier(lonely)
     with pytest.raises(ExportError, match="already an exported tflite model"):
         export(str(exported[("tflite", "none")].folder), "onnx", output=tmp_path / "again")
+
+
+def test_a_keras_file_exports_with_its_data_folder_and_an_alias_logs_to_its_run(store, tmp_path):
+    result, uri, data, _ = store
+    keras_file = tmp_path / "model.keras"
+    result.model.save(keras_file)
+    with pytest.raises(ExportError, match="records no data folder: pass --data DIR"):
+        export(keras_file, "tflite", output=tmp_path / "no-data")
+    done = export(keras_file, "tflite", output=tmp_path / "from-file", data=data)
+    assert done.report["splits"]["val"]["images"] == 24, "no recipe, no split: the whole folder verifies"
+    assert json.loads((done.folder / "metadata.json").read_text())["run_id"] is None
+    tltoolkit.register(result.run_id, "shipped", ["champion"])
+    done = export("models:/shipped@champion", "onnx", output=tmp_path / "from-alias")
+    assert done.metadata.run_id == result.run_id
+    logged = {item.path for item in MlflowClient(uri).list_artifacts(result.run_id, "export")}
+    assert "export/onnx" in logged
