@@ -178,3 +178,52 @@ def test_names_and_folders_cannot_escape_where_they_point(field, value):
     (recipe[section] if section else recipe)[key] = value
     with pytest.raises(RecipeError, match=rf"`{field}`.*(plain name|climbs out)"):
         load_recipe(recipe)
+
+
+def test_an_alias_bomb_is_refused_at_once_and_plain_aliases_still_work(tmp_path):
+    import time
+
+    levels = "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"search:\n  l0: &l0 [x, x, x, x, x, x, x, x, x]\n{levels}")
+    assert len(bomb.read_bytes()) < 500
+    started = time.perf_counter()
+    with pytest.raises(RecipeError, match=r"expand to more than 100,000 YAML nodes \(an alias bomb\?\)"):
+        load_recipe(bomb)
+    assert time.perf_counter() - started < 2
+    assert load_recipe({}, ["head.dense=[256]"]).head.dense == [256]
+    with pytest.raises(RecipeError, match="--set head.dense=.*alias bomb"):
+        load_recipe({}, [f"head.dense={_flow_bomb()}"])
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(
+        "stages:\n  - {name: head, optimizer: {learning_rate: &lr 0.003}}\n"
+        "  - {name: finetune, unfreeze: all, optimizer: {learning_rate: *lr}}\n"
+    )
+    assert load_recipe(shared).stages[1].optimizer.learning_rate == 0.003
+
+
+def test_infinities_nan_deep_nesting_and_non_utf8_get_one_line_errors(tmp_path):
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("head:\n  l2: .nan\n  class_weight: {a: .inf}\nstages:\n  - {name: head, epochs: 1}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(numbers)
+    assert "`head.l2` = nan (line 2): Input should be a finite number" in str(caught.value)
+    assert "head.class_weight" in str(caught.value) and "finite" in str(caught.value)
+    with pytest.raises(RecipeError, match="finite number"):
+        load_recipe({}, ["stages.0.optimizer.weight_decay=.inf"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(RecipeError, match="deep.yaml: nested too deeply to be a recipe"):
+        load_recipe(deep)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin.yaml is not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_recipe(latin)
+
+
+def _flow_bomb() -> str:
+    """An alias bomb on one line, for --set: nine levels, each nine aliases of the one before."""
+    text = "[&l0 [x, x, x, x, x, x, x, x, x]"
+    for i in range(1, 9):
+        text += f", &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+    return text + "]"

@@ -39,7 +39,13 @@ def load_recipe(source: str | Path | dict, overrides: Iterable[str] = ()) -> Rec
         label = str(path)
         if not path.is_file():
             raise RecipeError(f"Recipe file {label} does not exist; pass a YAML file such as recipes/quickstart.yaml.")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(
+                f"{label} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); recipes are "
+                "YAML files: save it as UTF-8."
+            ) from None
         raw = _safe_load(text, label)
         raw.setdefault("name", path.stem)
 
@@ -61,15 +67,57 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     if not sep or not path.strip():
         raise RecipeError(f"Override {override!r} must look like `dotted.path=value`, e.g. `stages.0.epochs=5`.")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = _yaml(value_text, f"--set {override}") if value_text.strip() else None
     except yaml.YAMLError as exc:
         raise RecipeError(f"Override {override!r}: the value is not valid YAML ({exc.problem}).") from None
     return [key.strip() for key in path.strip().split(".")], value
 
 
+MAX_NODES = 100_000  # Nodes of the YAML document with every alias expanded: a real recipe has a few hundred.
+
+
+def _yaml(text: str, label: str) -> Any:
+    """Safe YAML whose size with every alias expanded is capped, checked before anything is built from it.
+
+    Anchors and aliases stay usable (`lr: &lr 1e-3` ... `learning_rate: *lr`), but an "alias bomb" (each level
+    repeating the previous one) is refused at once instead of expanding to millions of nodes in validation.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise RecipeError(f"{label}: nested too deeply to be a recipe.") from None
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_NODES:
+            raise RecipeError(
+                f"{label}: its anchors and aliases expand to more than {MAX_NODES:,} YAML nodes (an alias bomb?); "
+                "write the recipe out, or reuse fewer aliases."
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict[int, int]) -> int:
+    """Nodes under `node` as if every alias were a copy; each shared node is counted once, then reused."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # A node that (through an alias) contains itself counts as a leaf.
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(min(_expanded_size(child, sizes), MAX_NODES + 1) for child in children)
+    return sizes[id(node)]
+
+
 def _safe_load(text: str, label: str) -> dict:
     try:
-        raw = yaml.safe_load(text)
+        raw = _yaml(text, label)
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
         raise RecipeError(

@@ -27,7 +27,8 @@ PlainName = Annotated[str | None, AfterValidator(plain_name)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Infinity and NaN (YAML's .inf and .nan) are refused in every float field: no setting can work with them.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 def _check_layer_point(value: Any, *, what: str, words: tuple[str, ...]) -> Any:
