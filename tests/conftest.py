@@ -87,6 +87,15 @@ def tiny_recipe(**sections) -> dict:
     return recipe
 
 
+def train_in_own_store(root: Path, recipe: dict | None = None, per_class: int = 6, classes=None):
+    """A tiny run in its own SQLite store under `root`, for a module's tests to share: `(result, uri, data, root)`."""
+    import tltoolkit
+
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    data = write_images(root / "photos", classes, per_class=per_class)
+    return tltoolkit.run(recipe or tiny_recipe(), data, tracking_uri=uri, verbose=0), uri, data, root
+
+
 # --- Processes: the CLI in a subprocess, to kill it for real. ---
 
 SLOW_EPOCHS = """

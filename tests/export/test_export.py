@@ -6,7 +6,7 @@ import json
 import mlflow
 import numpy as np
 import pytest
-from conftest import tiny_recipe, use_store, write_images
+from conftest import tiny_recipe, train_in_own_store, use_store
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -32,12 +32,8 @@ EXPORTS = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    data = write_images(root / "photos", per_class=8)
     recipe = tiny_recipe(head={"dropout": 0.3})  # Dropout must not reach any exported graph.
-    result = tltoolkit.run(recipe, data, tracking_uri=uri, verbose=0)
-    return result, uri, data, root
+    return train_in_own_store(tmp_path_factory.mktemp("export"), recipe, per_class=8)
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port, tiny_recipe, use_store, wait_until, write_images
+from conftest import free_port, tiny_recipe, train_in_own_store, use_store, wait_until
 from mlflow import MlflowClient
 
-import tltoolkit
 from tltoolkit.cli import main
 from tltoolkit.commands.predict import predict
 from tltoolkit.commands.register import check_model_name, register
@@ -27,11 +26,7 @@ from tltoolkit.tracking.models import load_classifier
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    data = write_images(root / "photos", per_class=6)
-    result = tltoolkit.run(tiny_recipe(), data, tracking_uri=uri, verbose=0)
-    return result, uri, data, root
+    return train_in_own_store(tmp_path_factory.mktemp("serving"))
 
 
 @pytest.fixture

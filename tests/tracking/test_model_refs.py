@@ -3,10 +3,9 @@ model id), a model folder, a .keras file."""
 
 import mlflow
 import pytest
-from conftest import tiny_recipe, use_store, write_images
+from conftest import train_in_own_store, use_store
 from mlflow import MlflowClient
 
-import tltoolkit
 from tltoolkit.cli import main
 from tltoolkit.errors import ModelLoadError
 from tltoolkit.tracking.models import load_classifier
@@ -14,10 +13,7 @@ from tltoolkit.tracking.models import load_classifier
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    data = write_images(root / "photos", per_class=6)
-    result = tltoolkit.run(tiny_recipe(), data, tracking_uri=uri, verbose=0)
+    result, uri, data, root = train_in_own_store(tmp_path_factory.mktemp("refs"))
     mlflow.set_tracking_uri(uri)
     version = mlflow.register_model(result.model_uri, "tiny-colours")
     MlflowClient(uri).set_registered_model_alias("tiny-colours", "champion", version.version)
