@@ -2,6 +2,7 @@
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_recipe, write_images
@@ -161,3 +162,21 @@ def test_runs_say_what_they_are_and_their_saved_recipe_runs_on_its_own(finished,
         "tiny-test_tiny-images [stages.0.epochs=1]",
         "tiny-test_tiny-images [stages.0.epochs=1] #2",
     ], "what differs is in the name, and equal names are numbered"
+
+
+def test_class_names_are_data_not_markup(tmp_path):
+    """Folder names that are mathtext, report row names, multi-line or very long train, plot and report as given."""
+    names = [r"$\frac$", "accuracy", "macro avg", "two\nlines", "x" * 150]
+    colours = {name: (40 * i, 200 - 40 * i, 30 + 40 * i) for i, name in enumerate(names)}
+    data = write_images(tmp_path / "odd", colours, per_class=4)
+    recipe = tiny_recipe(evaluation={"top_losses": 2}, stages=[{"name": "head", "epochs": 1}])
+    result = tltoolkit.run(recipe, data, verbose=0)
+    assert result.class_names == sorted(names)
+    client = MlflowClient(result.tracking_uri)
+    report = pd.read_csv(client.download_artifacts(result.run_id, "evaluation/val_classification_report.csv"))
+    classes = report[report.row == "class"]
+    assert sorted(classes["class"]) == sorted(names), "every class has its own row"
+    assert list(report[report.row == "summary"]["class"]) == ["accuracy", "macro avg", "weighted avg"]
+    logged = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
+    assert "evaluation/val_confusion_matrix.png" in logged
+    assert len(client.list_artifacts(result.run_id, "interpretation/gradcam")) == 2

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
-    classification_report,
     confusion_matrix,
     f1_score,
     log_loss,
+    precision_recall_fscore_support,
     top_k_accuracy_score,
 )
 
@@ -47,16 +47,66 @@ def evaluate_probabilities(labels: np.ndarray, probabilities: np.ndarray, class_
     }
     if len(class_names) > TOP_K:
         metrics[f"top{TOP_K}_accuracy"] = float(top_k_accuracy_score(labels, probabilities, k=TOP_K, labels=all_labels))
-    report = classification_report(
-        labels, predicted, labels=all_labels, target_names=class_names, output_dict=True, zero_division=0
-    )
     return Evaluation(
         metrics=metrics,
         confusion=confusion_matrix(labels, predicted, labels=all_labels),
-        report=pd.DataFrame(report).T.rename_axis("class").reset_index(),
+        report=per_class_report(labels, predicted, class_names),
         labels=np.asarray(labels),
         probabilities=probabilities,
     )
+
+
+def per_class_report(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Precision, recall, f1-score and support per class, then the `accuracy`, `macro avg` and `weighted avg` rows,
+    as scikit-learn's classification report; column `row` says which rows are classes, so a class named `accuracy`
+    or `macro avg` is its own row (scikit-learn's dict output would let the summary overwrite it).
+
+    Example:
+        >>> per_class_report(np.array([0, 1]), np.array([0, 0]), ["accuracy", "b"])[["class", "row", "recall"]]
+                  class      row  recall
+        0      accuracy    class     1.0
+        1             b    class     0.0
+        2      accuracy  summary     0.5
+        3     macro avg  summary     0.5
+        4  weighted avg  summary     0.5
+    """
+    all_labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=all_labels, zero_division=0
+    )
+    table = pd.DataFrame(
+        {
+            "class": class_names,
+            "row": "class",
+            "precision": precision,
+            "recall": recall,
+            "f1-score": f1,
+            "support": support,
+        }
+    )
+    total = int(support.sum())
+    accuracy = float(accuracy_score(labels, predicted)) if total else 0.0
+    weights = support / max(total, 1)
+    summary = pd.DataFrame(
+        [
+            {"class": "accuracy", "precision": accuracy, "recall": accuracy, "f1-score": accuracy, "support": total},
+            {
+                "class": "macro avg",
+                "precision": precision.mean(),
+                "recall": recall.mean(),
+                "f1-score": f1.mean(),
+                "support": total,
+            },
+            {
+                "class": "weighted avg",
+                "precision": (precision * weights).sum(),
+                "recall": (recall * weights).sum(),
+                "f1-score": (f1 * weights).sum(),
+                "support": total,
+            },
+        ]
+    ).assign(row="summary")
+    return pd.concat([table, summary], ignore_index=True)
 
 
 def evaluate_items(items: list[tuple[str, int]], probabilities: np.ndarray, class_names: list[str]) -> Evaluation:

@@ -46,11 +46,16 @@ def curves_figure(history: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
+def _plain(text: str) -> str:
+    """A class name or path as literal text in a figure (a `$` would start matplotlib's mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
 def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str = "") -> plt.Figure:
     """A confusion matrix with counts, true classes as rows."""
     size = max(4.0, 0.45 * len(class_names) + 2.5)
     fig, ax = plt.subplots(figsize=(size, size), constrained_layout=True)
-    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+    ConfusionMatrixDisplay(matrix, display_labels=[_plain(name)[:40] for name in class_names]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45 if len(class_names) > 4 else "horizontal"
     )
     ax.set_title(title)
@@ -173,11 +178,6 @@ def reliability_figure(before: pd.DataFrame, after: pd.DataFrame, temperature: f
     ax.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     return figure
-
-
-def _plain(text: str) -> str:
-    """A class name or path as literal text in a title (a `$` would start matplotlib's mathtext)."""
-    return str(text).replace("$", r"\$")
 
 
 def top_losses_figure(interpretation, columns: int = 4):

@@ -110,7 +110,7 @@ def report_text(evaluation: Evaluation, class_names: list[str]) -> str:
     """The per-class report and the confusion matrix as plain text, as printed to the console."""
     matrix = pd.DataFrame(evaluation.confusion, index=class_names, columns=class_names)
     matrix.index.name = "true \\ predicted"
-    report = evaluation.report.set_index("class").round(3)
+    report = evaluation.report.drop(columns="row", errors="ignore").set_index("class").round(3)
     return f"{report.to_string()}\n\nConfusion matrix:\n{matrix.to_string()}\n"
 
 
