@@ -199,3 +199,29 @@ def test_runs_of_dead_processes_are_marked_killed_and_live_ones_kept(tmp_path):
         "elsewhere": "RUNNING",
         "resumed": "RUNNING",
     }
+
+
+def test_resume_does_not_depend_on_how_the_data_folder_was_typed(image_folder, tmp_path, monkeypatch):
+    """Started as `images` from its parent folder, resumed as an absolute path from another directory."""
+    import os
+
+    from tltoolkit.tracking.runs import RunTracker
+
+    original = RunTracker.on_epoch_end
+
+    def interrupted(self, stage, epoch, logs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, stage, epoch, logs)
+
+    monkeypatch.setattr(RunTracker, "on_epoch_end", interrupted)
+    recipe = resumable_recipe()
+    monkeypatch.chdir(image_folder.parent)
+    with pytest.raises(KeyboardInterrupt):
+        tltoolkit.run(recipe, image_folder.name, verbose=0)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = tltoolkit.run(recipe, os.path.abspath(image_folder), resume=True, verbose=0)
+    assert list(result.history[result.history.stage == "head"]["epoch"]) == [0, 1, 2]

@@ -107,7 +107,10 @@ def _load_data(session, data_dir, point) -> None:
     recipe = session.recipe
     folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed, progress=session.options.progress)
     _logger.info(folder.summary())
-    if point is not None and point.checkpoint.state.data != _data_digest(folder):
+    if point is not None and point.checkpoint.state.data not in (
+        _data_digest(folder),
+        _data_digest(folder, legacy=True),
+    ):
         raise ResumeError(
             f"The images in {folder.root} changed since run {point.parent_id} was checkpointed (files added, removed "
             "or modified), so its split and batches would differ. Restore them, or start a new run without --resume."
@@ -131,10 +134,13 @@ def _resume_key(recipe: Recipe, data_dir, unlabeled=None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _data_digest(folder) -> str:
+def _data_digest(folder, legacy: bool = False) -> str:
+    """The images of every part, their paths relative to the data folder (`legacy`: as typed, as checkpoints made
+    before that recorded them), so `--resume` works however the folder is typed."""
     from tltoolkit.stages.features import data_digest
 
-    return data_digest([item for part in sorted(folder.parts) for item in folder.parts[part]])
+    items = [item for part in sorted(folder.parts) for item in folder.parts[part]]
+    return data_digest(items) if legacy else data_digest(items, folder.root)
 
 
 def _resume_point(client, experiment_id: str, resume: bool | str, key: str, recipe: Recipe, data_dir, uri):

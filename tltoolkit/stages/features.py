@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -54,12 +55,21 @@ def prefix_digest(backbone: keras.Model, frozen: int) -> str:
     return digest.hexdigest()
 
 
-def data_digest(items: list[Item]) -> str:
-    """Paths, labels, sizes and modification times: a changed, added or removed file changes the key."""
+def data_digest(items: list[Item], root: str | Path | None = None) -> str:
+    """Paths, labels, sizes and modification times: a changed, added or removed file changes the key.
+
+    With `root`, paths count relative to it (resolved), so the same folder typed another way (absolute, relative,
+    from another working directory) gives the same key.
+    """
+    base = Path(root).resolve() if root is not None else None
     digest = hashlib.blake2b(digest_size=16)
     for path, label in items:
         stat = os.stat(path)
-        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        name = path
+        if base is not None:
+            resolved = Path(path).resolve()
+            name = resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(resolved)
+        digest.update(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
