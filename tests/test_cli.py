@@ -167,7 +167,7 @@ def test_ui_binds_loopback_unless_hosts_are_allowed():
     with pytest.raises(TltoolkitError, match="--allowed-hosts"):
         ui_command("sqlite:////tmp/x/mlflow.db", host="0.0.0.0")
     exposed = ui_command("sqlite:////tmp/x/mlflow.db", host="0.0.0.0", allowed_hosts="box.example.com")
-    assert exposed[-2:] == ["--allowed-hosts", "box.example.com"]
+    assert exposed[-2] == "--allowed-hosts" and "box.example.com,box.example.com:5000" in exposed[-1]
 
 
 def test_backbone_layers_listing(capsys):
@@ -222,7 +222,8 @@ def _serve_ui(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tltoolkit", "ui", "--tracking-uri", uri, "--port", str(port)],
+        [sys.executable, "-m", "tltoolkit", "ui", "--tracking-uri", uri, "--port", str(port)]
+        + ["--allowed-hosts", "tracking.test"],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
@@ -268,6 +269,22 @@ def test_ui_announces_its_page_once_it_serves_and_refuses_a_taken_port(trained, 
         assert main(["ui", "--tracking-uri", uri, "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"Port {port} on 127.0.0.1 is taken" in err and f"pass --port {port + 1}" in err
+
+
+def test_allowed_hosts_are_names_a_request_may_carry_with_or_without_the_port(served):
+    """The UI runs with `--allowed-hosts tracking.test`: a request naming it (as a browser does, with the port) is
+    answered; one naming another host is refused (MLflow's DNS-rebinding check, which spares only /health)."""
+    import urllib.error
+    import urllib.request
+
+    base = served.split("#")[0]
+    port = base.rstrip("/").rsplit(":", 1)[1]
+    for host in ("tracking.test", f"tracking.test:{port}"):
+        request = urllib.request.Request(base, headers={"Host": host})
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            assert reply.status == 200, host
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.request.Request(base, headers={"Host": f"evil.test:{port}"}), timeout=5)
 
 
 @pytest.mark.skipif(

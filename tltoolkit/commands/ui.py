@@ -39,8 +39,23 @@ def ui_command(
         )
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if allowed_hosts:
-        command += ["--allowed-hosts", allowed_hosts]
+        command += ["--allowed-hosts", _with_ports(allowed_hosts, port)]
     return command
+
+
+def _with_ports(allowed_hosts: str, port: int) -> str:
+    """MLflow compares the whole Host header, port included: each plain name is allowed with and without `port`,
+    and the loopback names stay allowed, so the page this command announces keeps working.
+
+    Example:
+        >>> _with_ports("box.example.com, 10.0.0.5:8080", 5000)
+        'box.example.com,box.example.com:5000,10.0.0.5:8080,localhost,localhost:5000,127.0.0.1,127.0.0.1:5000'
+    """
+    names = [name.strip() for name in allowed_hosts.split(",") if name.strip()]
+    hosts = []
+    for name in [*names, "localhost", "127.0.0.1"]:
+        hosts += [name] if ":" in name or "*" in name else [name, f"{name}:{port}"]
+    return ",".join(dict.fromkeys(hosts))
 
 
 def ui(
