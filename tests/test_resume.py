@@ -225,3 +225,39 @@ def test_resume_does_not_depend_on_how_the_data_folder_was_typed(image_folder, t
     monkeypatch.chdir(elsewhere)
     result = tltoolkit.run(recipe, os.path.abspath(image_folder), resume=True, verbose=0)
     assert list(result.history[result.history.stage == "head"]["epoch"]) == [0, 1, 2]
+
+
+def test_a_run_whose_process_is_alive_is_not_resumed_twice(image_folder, monkeypatch):
+    import subprocess
+    import sys
+
+    from tltoolkit.tracking.processes import PROCESS_TAG, _start_time
+    from tltoolkit.tracking.runs import RunTracker
+
+    original = RunTracker.on_epoch_end
+
+    def interrupted(self, stage, epoch, logs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, stage, epoch, logs)
+
+    monkeypatch.setattr(RunTracker, "on_epoch_end", interrupted)
+    recipe = resumable_recipe()
+    with pytest.raises(KeyboardInterrupt):
+        tltoolkit.run(recipe, image_folder, verbose=0)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
+    client = MlflowClient()
+    (run,) = client.search_runs(["1"], "tags.`tltoolkit.kind` = 'run'")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # As if that process were still training the run.
+        host = client.get_run(run.info.run_id).data.tags[PROCESS_TAG].partition(":")[0]
+        client.set_tag(run.info.run_id, PROCESS_TAG, f"{host}:{owner.pid}:{_start_time(owner.pid)}")
+        with pytest.raises(
+            ResumeError, match=f"still being trained by process {owner.pid} on {host}.*kill {owner.pid}"
+        ):
+            tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    finally:
+        owner.kill()
+        owner.wait()
+    result = tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    assert result.run_id == run.info.run_id, "once its process is gone, the run resumes"

@@ -89,3 +89,26 @@ def test_a_checkpoint_of_an_older_layout_is_refused_not_misread(tmp_path):
         r"start a new run without --resume",
     ):
         CheckpointStore(tmp_path).latest()
+
+
+def test_saving_removes_temporary_files_of_dead_writers_only(tmp_path):
+    """A temporary file of a process killed mid-write goes; one that a live process is writing now stays."""
+    import subprocess
+    import sys
+
+    store = CheckpointStore(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        writing = tmp_path / f".checkpoint-000003.npz.{live.pid}.tmp"
+        abandoned = tmp_path / f".checkpoint-000003.npz.{dead.pid}.tmp"
+        for path in (writing, abandoned):
+            path.write_bytes(b"partial")
+        save(store, 0)
+        assert writing.exists(), "another live process's in-flight file is not ours to delete"
+        assert not abandoned.exists()
+    finally:
+        live.kill()
+        live.wait()

@@ -120,8 +120,9 @@ class CheckpointStore:
     def save(self, state: TrainingState, arrays: dict[str, list[np.ndarray]]) -> Path:
         """Writes a new checkpoint atomically (temporary file, fsync, rename) and prunes the oldest."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".checkpoint-*.tmp"):  # Left by a process killed mid-write.
-            stale.unlink(missing_ok=True)
+        for stale in self.folder.glob(".checkpoint-*.tmp"):  # Left by a process killed mid-write...
+            if not _writer_alive(stale):  # ... never one another live process is writing now.
+                stale.unlink(missing_ok=True)
         existing = self.paths()
         number = int(_NAME.match(existing[-1].name).group(1)) + 1 if existing else 0
         final = self.folder / f"checkpoint-{number:06d}.npz"
@@ -168,6 +169,20 @@ class CheckpointStore:
             self.folder.rmdir()
         except OSError:
             pass
+
+
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process that names a temporary checkpoint file (`.checkpoint-N.npz.<pid>.tmp`) still runs here."""
+    pid = temporary.name.split(".")[-2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # Alive, someone else's.
+        return True
+    return True
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

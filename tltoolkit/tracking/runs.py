@@ -31,7 +31,7 @@ from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors, s
 from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, SessionResult, StageOutcome, TrainingSession
 from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
-from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
+from tltoolkit.tracking.processes import PROCESS_TAG, is_alive, process_tag
 from tltoolkit.tracking.reports import (
     log_calibration,
     log_curves,
@@ -422,6 +422,18 @@ class RunTracker(TrainingHooks):
             mlflow.end_run(status)
 
 
+def _refuse_live_owner(run) -> None:
+    """A run whose process still trains it (same host: its process tag names a live process) is not resumed twice."""
+    owner = run.data.tags.get(PROCESS_TAG, "")
+    if owner and owner != process_tag() and is_alive(owner):
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        raise ResumeError(
+            f"Run {run.info.run_id} is still being trained by process {pid} on {host}; resuming it too would make two "
+            f"processes write one run. Let it finish, or stop it (kill {pid}) and resume then."
+        )
+
+
 @dataclass
 class ResumePoint:
     """An unfinished run to continue: its parent run, checkpoint folder and newest readable checkpoint."""
@@ -469,6 +481,7 @@ def find_resume_point(
         point = _checkpointed(candidate, uri, explicit=isinstance(resume, str))
         if point is None:
             continue
+        _refuse_live_owner(candidate)
         if point.checkpoint.state.key != key:
             raise ResumeError(
                 f"Run {point.parent_id} was started with a different recipe (or --set overrides) or data folder; "
