@@ -166,8 +166,12 @@ def test_ctrl_c_after_a_checkpoint_before_mlflow_logs_each_epoch_once(image_fold
 
 def test_resume_refuses_what_it_cannot_continue(image_folder):
     recipe = resumable_recipe()
+    client = MlflowClient()
+    orphan = client.create_run(client.create_experiment("orphans"), tags={PROCESS_TAG: "x:1:1"}).info.run_id
+    client.set_tag(orphan, PROCESS_TAG, f"{process_tag().split(':')[0]}:{process_tag().split(':')[1]}:1")  # Dead.
     with pytest.raises(ResumeError, match="Nothing to resume.*without --resume"):
         tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    assert client.get_run(orphan).info.status == "KILLED", "a failed --resume still marks dead runs KILLED"
     done = tltoolkit.run(recipe, image_folder, verbose=0)
     with pytest.raises(ResumeError, match="already finished"):
         tltoolkit.run(recipe, image_folder, resume=done.run_id, verbose=0)

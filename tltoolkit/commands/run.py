@@ -90,7 +90,11 @@ def run(
     client = MlflowClient(uri)
     unlabeled = unlabeled or recipe.data.unlabeled
     key = _resume_key(recipe, data_dir, unlabeled)
-    point = _resume_point(client, experiment_id, resume, key, recipe, data_dir, uri) if resume else None
+    try:
+        point = _resume_point(client, experiment_id, resume, key, recipe, data_dir, uri) if resume else None
+    except ResumeError:
+        mark_dead_runs_killed(client)  # A failed --resume still tidies runs whose process died.
+        raise
     mark_dead_runs_killed(client, keep=point.run_ids() if point else set())
 
     session = TrainingSession(recipe, SessionOptions(verbose=verbose, unlabeled=unlabeled, progress=verbose != 0))
