@@ -205,10 +205,8 @@ def test_runs_of_dead_processes_are_marked_killed_and_live_ones_kept(tmp_path):
     }
 
 
-def test_resume_does_not_depend_on_how_the_data_folder_was_typed(image_folder, tmp_path, monkeypatch):
-    """Started as `images` from its parent folder, resumed as an absolute path from another directory."""
-    import os
-
+def _interrupted_after_epoch_1(recipe, data, monkeypatch) -> None:
+    """Runs `recipe` until Ctrl-C lands at the end of epoch 1 (its checkpoint written), as a user would stop it."""
     from tltoolkit.tracking.runs import RunTracker
 
     original = RunTracker.on_epoch_end
@@ -219,11 +217,18 @@ def test_resume_does_not_depend_on_how_the_data_folder_was_typed(image_folder, t
         original(self, stage, epoch, logs)
 
     monkeypatch.setattr(RunTracker, "on_epoch_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tltoolkit.run(recipe, data, verbose=0)
+    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
+
+
+def test_resume_does_not_depend_on_how_the_data_folder_was_typed(image_folder, tmp_path, monkeypatch):
+    """Started as `images` from its parent folder, resumed as an absolute path from another directory."""
+    import os
+
     recipe = resumable_recipe()
     monkeypatch.chdir(image_folder.parent)
-    with pytest.raises(KeyboardInterrupt):
-        tltoolkit.run(recipe, image_folder.name, verbose=0)
-    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
+    _interrupted_after_epoch_1(recipe, image_folder.name, monkeypatch)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -236,20 +241,9 @@ def test_a_run_whose_process_is_alive_is_not_resumed_twice(image_folder, monkeyp
     import sys
 
     from tltoolkit.tracking.processes import PROCESS_TAG, _start_time
-    from tltoolkit.tracking.runs import RunTracker
 
-    original = RunTracker.on_epoch_end
-
-    def interrupted(self, stage, epoch, logs):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        original(self, stage, epoch, logs)
-
-    monkeypatch.setattr(RunTracker, "on_epoch_end", interrupted)
     recipe = resumable_recipe()
-    with pytest.raises(KeyboardInterrupt):
-        tltoolkit.run(recipe, image_folder, verbose=0)
-    monkeypatch.setattr(RunTracker, "on_epoch_end", original)
+    _interrupted_after_epoch_1(recipe, image_folder, monkeypatch)
     client = MlflowClient()
     (run,) = client.search_runs(["1"], "tags.`tltoolkit.kind` = 'run'")
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
