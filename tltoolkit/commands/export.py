@@ -125,10 +125,12 @@ def _stem(loaded) -> str:
 
 def _images(loaded, data, count: int) -> tuple[dict, list[str]]:
     """Held-out images by split (to verify) and training images (to calibrate int8), as the run split them."""
+    import yaml
+
     from tltoolkit.data import labelled_images, prepare_data
     from tltoolkit.recipe import load_recipe
 
-    recipe = load_recipe(_recipe_dict(loaded.recipe_yaml)) if loaded.recipe_yaml else None
+    recipe = load_recipe(yaml.safe_load(loaded.recipe_yaml)) if loaded.recipe_yaml else None
     folder_path = data or (recipe.data.dir if recipe else None)
     if not folder_path:
         raise ExportError(
@@ -159,12 +161,6 @@ def _images(loaded, data, count: int) -> tuple[dict, list[str]]:
     order = np.random.default_rng(recipe.seed).permutation(len(train))[:count]
     splits = {part: folder.parts[part] for part in ("val", "test") if folder.parts.get(part)}
     return splits, [train[i] for i in sorted(order)]
-
-
-def _recipe_dict(text: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def _write(loaded, spec: ExportSpec, splits: dict, calibration: list[str], output: Path, options) -> ExportResult:
@@ -219,13 +215,10 @@ def _convert(loaded, spec: ExportSpec, folder: Path, calibration: list[str]):
 
 def _representative(loaded, paths: list[str]):
     """Single-image float32 batches of the calibration images, resized as training did."""
-    from tltoolkit.data.images import load_image_array
-
-    config = loaded.data_config()
+    from tltoolkit.data.pipeline import resized_images
 
     def images():
-        for path in paths:
-            image = load_image_array(path, config.image_size, config.resize, config.interpolation)
+        for image in resized_images(paths, loaded.data_config()):
             yield image[None].astype(np.float32)
 
     return images if paths else None

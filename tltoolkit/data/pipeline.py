@@ -149,6 +149,14 @@ def image_dataset(
     return ds.map(_to_float(num_classes), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def resized_images(paths: list[str], config: DataConfig) -> np.ndarray:
+    """A few images read as `config` says (size, resize mode, filter), in memory: uint8 `(N, size, size, 3)`."""
+    images = np.zeros((len(paths), config.image_size, config.image_size, 3), np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = load_image_array(path, config.image_size, config.resize, config.interpolation)
+    return images
+
+
 def image_batches(paths: list[str], config: DataConfig) -> tf.data.Dataset:
     """Unlabelled batches of float32 pixels in file order, for prediction."""
     ds = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=object).astype(str))

@@ -111,13 +111,9 @@ def _original(path: str) -> np.ndarray:
 
 def _latency(check: Verification, paths: list[str]) -> dict:
     """Median milliseconds per image at batch 1, Keras (its compiled predict step) and the artifact, side by side."""
-    from tltoolkit.data.images import load_image_array
+    from tltoolkit.data.pipeline import resized_images
 
-    config = check.data_config
-    images = [
-        load_image_array(path, config.image_size, config.resize, config.interpolation).astype(np.float32)[None]
-        for path in paths
-    ]
+    images = [image[None] for image in resized_images(paths, check.data_config).astype(np.float32)]
     timings = {"keras": [], "artifact": []}
     for image in images:
         for name, call in (("keras", check.keras.predict_on_batch), ("artifact", check.artifact.predict_batch)):

@@ -93,13 +93,10 @@ def interpret(
     model, paths: list[str], evaluation: Evaluation, class_names: list[str], data_config, k: int = TOP_LOSSES
 ) -> Interpretation:
     """Most confused pairs, the top `k` losses, and Grad-CAM of the predicted class over each of them."""
-    from tltoolkit.data.images import load_image_array
+    from tltoolkit.data.pipeline import resized_images
 
     losses = top_losses(paths, evaluation, class_names, k)
-    size = data_config.image_size
-    images = np.zeros((len(losses), size, size, 3), np.uint8)
-    for i, path in enumerate(losses["path"]):
-        images[i] = load_image_array(path, size, data_config.resize, data_config.interpolation)
+    images = resized_images(list(losses["path"]), data_config)
     classes = np.array([class_names.index(name) for name in losses["predicted"]], dtype=np.int32)
     heatmaps = gradcam(model, images.astype(np.float32), classes) if len(losses) else np.zeros(images.shape[:3])
     return Interpretation(most_confused(evaluation, class_names), losses, images, heatmaps)
