@@ -104,12 +104,20 @@ def set_trainable(model: keras.Model, backbone: keras.Model, frozen: int, train_
     )
 
 
-def check_points(backbone: keras.Model, freeze: Any, stages, where=lambda field: "") -> None:
-    """Resolves the freeze point and every stage's unfreeze point, so mistakes surface before data is read.
+def check_points(backbone: keras.Model, freeze: Any, stages, where=lambda field: "", taps: list[str] = ()) -> None:
+    """Resolves the freeze point, every stage's unfreeze point and every auxiliary head's tap layer, so mistakes
+    surface before data is read.
 
     Args:
         where: Field -> a prefix saying where it was set (see `tltoolkit.recipe.locate`), put before each error.
+        taps: The `at` layer of each `head.auxiliary` entry.
     """
+    for index, tap in enumerate(taps):
+        field = f"head.auxiliary.{index}.at"
+        try:
+            _layer_index(backbone, tap, field)
+        except BackboneError as exc:
+            raise BackboneError(f"{where(field)}{exc}") from None
     try:
         frozen_prefix(backbone, freeze)
     except BackboneError as exc:

@@ -107,6 +107,40 @@ class BackboneConfig(_Section):
         return _check_layer_point(value, what="freeze", words=("all", "none"))
 
 
+class AuxiliaryHeadConfig(_Section):
+    """An extra classifier on an intermediate backbone layer (deep supervision); trained alongside, then dropped."""
+
+    at: str = Field(
+        description="The backbone layer whose output it classifies (`tltoolkit backbones --layers NAME` lists them; "
+        "stage ends, e.g. `block_13_expand_relu` of mobilenet_v2, are the usual taps)."
+    )
+    weight: float = Field(0.3, gt=0.0, le=10.0, description="Its loss's weight at the start (GoogLeNet used 0.3).")
+    decay: Literal["none", "linear", "cosine"] = Field(
+        "linear",
+        description="How the weight falls to zero over the epochs of the stages that train layers below the tap "
+        "(before those, only the auxiliary head itself learns, at full weight). `none`: it stays.",
+    )
+    dense: list[int] = Field(default_factory=list, description="Hidden dense widths between its pooling and classes.")
+
+    @field_validator("at")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("`at` must name a backbone layer, e.g. block_13_expand_relu")
+        return value.strip()
+
+    @field_validator("dense")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        return _positive_widths(value)
+
+
+def _positive_widths(value: list[int]) -> list[int]:
+    if any(width < 1 for width in value):
+        raise ValueError("every dense width must be a positive integer, e.g. [256, 128]")
+    return value
+
+
 class HeadConfig(_Section):
     pooling: Literal["avg", "max", "flatten"] = Field(
         "avg",
@@ -124,11 +158,25 @@ class HeadConfig(_Section):
         "none", description="`auto` weights classes inversely to their frequency (scikit-learn's `balanced`)."
     )
 
+    auxiliary: list[AuxiliaryHeadConfig] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Deep supervision: extra classifiers on intermediate layers (`{at, weight, decay, dense}` each), "
+        "their losses added with decaying weights; the saved and exported model has the main output only.",
+    )
+
     @field_validator("dense")
     @classmethod
     def _positive_widths(cls, value: list[int]) -> list[int]:
-        if any(width < 1 for width in value):
-            raise ValueError("every dense width must be a positive integer, e.g. [256, 128]")
+        return _positive_widths(value)
+
+    @field_validator("auxiliary")
+    @classmethod
+    def _distinct_taps(cls, value: list[AuxiliaryHeadConfig]) -> list[AuxiliaryHeadConfig]:
+        taps = [head.at for head in value]
+        repeated = sorted({tap for tap in taps if taps.count(tap) > 1})
+        if repeated:
+            raise ValueError(f"two auxiliary heads tap the same layer {repeated}; give each head its own `at`")
         return value
 
     @field_validator("class_weight")
@@ -427,6 +475,15 @@ class Recipe(_Section):
                 f"pretrain.autoencoder: data.image_size {self.data.image_size} must be divisible by "
                 f"2**{len(ae.widths)} = {2 ** len(ae.widths)} (one halving per width), so the decoder mirrors the "
                 "encoder exactly; change one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _auxiliary_without_joint(self) -> Recipe:
+        if self.head.auxiliary and self.pretrain is not None and self.pretrain.autoencoder.joint:
+            raise ValueError(
+                "head.auxiliary and pretrain.autoencoder.joint both add outputs to the model; use one of them "
+                "(or pretrain separately: joint: false)"
             )
         return self
 

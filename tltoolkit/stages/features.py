@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tltoolkit.data.split import Item
-from tltoolkit.model.layers import InferenceMode
+from tltoolkit.model import apply_head, layer_output, run_subgraph
 from tltoolkit.recipe import DataConfig
 
 _logger = logging.getLogger(__name__)
@@ -151,28 +151,25 @@ class FeatureSource:
         model: keras.Model,
         backbone: keras.Model,
         frozen: int,
+        epochs: tuple[int, int, int] = (0, 0, 1),
         verbose: bool = True,
-        stream: int = 0,
-        first_epoch: int = 0,
-        last_epoch: int = 1,
+        auxiliary: list[tuple[str, keras.Layer]] = (),
     ) -> CachedInputs | None:
         """Cached features and the top model for a stage whose first `frozen` backbone layers are frozen, or `None`.
 
-        `stream`, `first_epoch` and `last_epoch` are those of the stage's `TrainingBatches.epochs`, so batches match.
+        Args:
+            epochs: `(stream, first_epoch, last_epoch)` of the stage's `TrainingBatches.epochs`, so batches match.
+            auxiliary: `(tap layer, head)` of the auxiliary heads: a tap below the cut is cached too, one above is
+                computed by the top model; the top model then outputs the main probabilities and each head's.
         """
         if self.usable(frozen) is not None:
             return None
         whole = frozen >= len(backbone.layers)
         cut = [backbone.output] if whole else cut_tensors(backbone, frozen)
-        per_image = sum(int(np.prod(t.shape[1:])) * 4 for t in cut)
-        total = per_image * sum(len(self.parts[p]) for p in ("train", "val"))
-        if total > MAX_BYTES:
-            _logger.info(
-                "Feature cache: %.1f GiB of features at this cut exceed the %.0f GiB limit "
-                "(TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.",
-                total / 2**30,
-                MAX_BYTES / 2**30,
-            )
+        names = [layer.name for layer in backbone.layers]
+        below = [tap for tap, _ in auxiliary if names.index(tap) < frozen]
+        cached = cut + [t for t in (layer_output(backbone, tap) for tap in below) if not any(t is c for c in cut)]
+        if not self._fits(cached):
             return None
         key = (
             data_digest(self.parts["train"]),
@@ -184,27 +181,36 @@ class FeatureSource:
             self.data.resize,
             self.data.interpolation,
             frozen,
+            tuple(below),
         )
         above = "head" if whole else backbone.layers[frozen].name
-
-        def compute():
-            extractor = keras.Model(backbone.inputs, cut, name=f"{backbone.name}_prefix")
-            train, val = self.parts["train"], self.parts["val"]
-            what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
-            outputs = _extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
-            return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
-
-        features = self.cache.get(key, compute)
-        top = _top_model(model, backbone, cut, whole)
+        features = self.cache.get(key, lambda: self._compute(backbone, cached, above, verbose))
+        top = _top_model(model, backbone, (cut, cached), frozen, list(auxiliary))
         train = _feature_dataset(
-            features["train"],
-            self.parts["train"],
-            self.num_classes,
-            self.data.batch_size,
-            (self.seed, stream, first_epoch, last_epoch),
+            features["train"], self.parts["train"], self.num_classes, self.data.batch_size, (self.seed, *epochs)
         )
         val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
         return CachedInputs(top, train, val, above)
+
+    def _fits(self, cached: list) -> bool:
+        """Whether the features of every train and val image fit under `MAX_BYTES` (else a note says so)."""
+        per_image = sum(int(np.prod(t.shape[1:])) * 4 for t in cached)
+        total = per_image * sum(len(self.parts[p]) for p in ("train", "val"))
+        if total > MAX_BYTES:
+            _logger.info(
+                "Feature cache: %.1f GiB of features at this cut exceed the %.0f GiB limit "
+                "(TLTOOLKIT_FEATURE_CACHE_MAX_GB); training through the backbone.",
+                total / 2**30,
+                MAX_BYTES / 2**30,
+            )
+        return total <= MAX_BYTES
+
+    def _compute(self, backbone: keras.Model, cached: list, above: str, verbose: bool) -> dict:
+        extractor = keras.Model(backbone.inputs, cached, name=f"{backbone.name}_prefix")
+        train, val = self.parts["train"], self.parts["val"]
+        what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
+        outputs = _extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
+        return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
 
 
 def _extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
@@ -250,15 +256,30 @@ def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: 
     return ds.map(lambda f, y: (f, tf.one_hot(y, num_classes))).prefetch(tf.data.AUTOTUNE)
 
 
-def _top_model(model: keras.Model, backbone: keras.Model, cut: list, whole: bool) -> keras.Model:
-    """Features -> (backbone layers above the cut, in inference mode) -> the classifier's head, weights shared."""
-    inputs = [keras.Input(shape=t.shape[1:], name=f"features{i}") for i, t in enumerate(cut)]
-    if whole:
-        x = inputs[0]
+def _top_model(
+    model: keras.Model, backbone: keras.Model, tensors: tuple[list, list], frozen: int, auxiliary: list
+) -> keras.Model:
+    """Features -> (backbone layers above the cut, in inference mode) -> the classifier's head, weights shared.
+
+    `tensors` is `(cut, cached)`: the tensors crossing the cut, and those plus the auxiliary taps below it (the top
+    model's inputs, in that order). With `auxiliary` (`(tap, head)` pairs) it also outputs each head's probabilities.
+    """
+    cut, cached = tensors
+    inputs = [keras.Input(shape=t.shape[1:], name=f"features{i}") for i, t in enumerate(cached)]
+    names = [layer.name for layer in backbone.layers]
+    above = [tap for tap, _ in auxiliary if names.index(tap) >= frozen]
+    if frozen >= len(backbone.layers):
+        x, taps = inputs[0], []
     else:
-        suffix = keras.Model(cut, backbone.output, name=f"{backbone.name}_suffix")
-        x = InferenceMode(suffix, name="backbone_suffix")(inputs[0] if len(inputs) == 1 else inputs)
-    names = [layer.name for layer in model.layers]
-    for layer in model.layers[names.index("backbone") + 1 :]:
-        x = layer(x)
-    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, x, name=f"{model.name}_top")
+        tensors = [backbone.output, *(layer_output(backbone, tap) for tap in above)]
+        x, *taps = run_subgraph(cut, tensors, inputs[0] if len(cut) == 1 else inputs[: len(cut)], "backbone_suffix")
+    x = apply_head(model, x)
+    heads = []
+    for tap, head in auxiliary:
+        if tap in above:
+            heads.append(head(taps[above.index(tap)]))
+        else:
+            tensor = layer_output(backbone, tap)
+            heads.append(head(inputs[next(i for i, t in enumerate(cached) if t is tensor)]))
+    model_inputs = inputs[0] if len(inputs) == 1 else inputs
+    return keras.Model(model_inputs, [x, *heads] if heads else x, name=f"{model.name}_top")

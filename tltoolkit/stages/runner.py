@@ -8,7 +8,7 @@ output (`_joint`). The modes only decide what is fitted on what; `_fit` runs the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import keras
 import numpy as np
@@ -21,6 +21,7 @@ from tltoolkit.stages.callbacks import EpochRows, ResumableEarlyStopping, StageR
 from tltoolkit.stages.checkpoint import CheckpointCallback, restore_variables
 from tltoolkit.stages.features import CachedInputs
 from tltoolkit.stages.optimizers import build_optimizer
+from tltoolkit.stages.supervision import Supervision, SupervisionEpochs
 from tltoolkit.stages.training import Training
 
 _logger = logging.getLogger(__name__)
@@ -71,23 +72,23 @@ def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
     if training.joint is not None:
         fit = _joint(training, run)
     else:
-        first, last = run.epochs()
-        features = training.features
-        cached = (
-            features.inputs(training.model, backbone, frozen, run.verbose != 0, run.stream, first, last)
-            if (features is not None)
-            else None
-        )
+        features, supervision = training.features, training.supervision
+        taps = list(zip(supervision.taps, supervision.heads)) if supervision is not None else []
+        epochs = (run.stream, *run.epochs())
+        cached = features.inputs(training.model, backbone, frozen, epochs, run.verbose != 0, taps) if features else None
         fit = _cached(training, run, cached) if cached else _plain(training, run)
+        if supervision is not None:
+            fit = _supervised(training, run, fit)
     return _fit(training, run, summary, fit)
 
 
 def _plain(training: Training, run: StageRun) -> _Fit:
     first, last = run.epochs()
     val = training.eval["val"]
-    compile_for_stage(training.model, training.recipe, run.stage, training.train.steps_per_epoch)
+    model = training.supervision.model if training.supervision is not None else training.model
+    compile_for_stage(model, training.recipe, run.stage, training.train.steps_per_epoch, 1, training.supervision)
     return _Fit(
-        training.model,
+        model,
         training.train.epochs(run.stream, first, last),
         val,
         training.train.steps_per_epoch,
@@ -100,17 +101,38 @@ def _plain(training: Training, run: StageRun) -> _Fit:
 def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
     steps = training.train.steps_per_epoch
     # On cached features a step is tiny, so a whole epoch runs per compiled call.
-    compile_for_stage(cached.model, training.recipe, run.stage, steps, steps_per_execution=steps)
+    compile_for_stage(cached.model, training.recipe, run.stage, steps, steps, training.supervision)
+    scorer = cached.model
+    if training.supervision is not None:  # Scored on the main output alone.
+        scorer = keras.Model(cached.model.inputs, cached.model.outputs[0], name=f"{cached.model.name}_main")
     return _Fit(
         cached.model,
         cached.train,
         cached.val,
         steps,
-        cached.model,
+        scorer,
         cached.val,
         training.class_weight,
         note=f", on cached features below `{cached.cut}`",
         cached_above=cached.cut,
+    )
+
+
+def _supervised(training: Training, run: StageRun, fit: _Fit) -> _Fit:
+    """`fit` with the auxiliary heads' targets, weights and log names (see `supervision.py`)."""
+    supervision = training.supervision
+    weights = supervision.schedule
+    first = [schedule[min(run.epoch_offset, len(schedule) - 1)] for schedule in weights]
+    heads = ", ".join(
+        f"{name} on `{tap}` weight {w:g}" for name, tap, w in zip(supervision.names, supervision.taps, first)
+    )
+    return replace(
+        fit,
+        train=supervision.with_targets(fit.train, fit.class_weight),
+        val=supervision.with_targets(fit.val, None),
+        class_weight=None,
+        leading=[SupervisionEpochs(supervision, run.epoch_offset, fit.model.output_names[0]), *fit.leading],
+        note=f"{fit.note}, with auxiliary heads ({heads})",
     )
 
 
@@ -199,20 +221,27 @@ def _describe(training: Training, run: StageRun, summary: TrainableSummary, note
 
 
 def compile_for_stage(
-    model: keras.Model, recipe: Recipe, stage: StageConfig, steps_per_epoch: int, steps_per_execution: int = 1
+    model: keras.Model,
+    recipe: Recipe,
+    stage: StageConfig,
+    steps_per_epoch: int,
+    steps_per_execution: int = 1,
+    supervision: Supervision | None = None,
 ) -> None:
     """Compiles `model` with the stage's new optimizer and schedule (Keras needs a recompile after `trainable` changes).
 
     `steps_per_execution` > 1 runs that many batches per compiled call: the same updates with less Python per step,
-    worth it where steps are tiny (the layers above a cached prefix).
+    worth it where steps are tiny (the layers above a cached prefix). With `supervision`, `model` outputs the main
+    probabilities then the auxiliary heads', and each head's weighted loss joins the main one.
     """
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if model.output_shape[-1] > TOP_K:
+    if model.outputs[0].shape[-1] > TOP_K:  # The main output's classes.
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=TOP_K, name=f"top{TOP_K}_accuracy"))
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.head.label_smoothing)
     model.compile(
         optimizer=build_optimizer(stage.optimizer, stage.schedule, steps_per_epoch, stage.epochs),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.head.label_smoothing),
-        metrics=metrics,
+        loss=supervision.losses(loss) if supervision is not None else loss,
+        metrics=supervision.metrics(metrics) if supervision is not None else metrics,
         steps_per_execution=steps_per_execution,
     )
 

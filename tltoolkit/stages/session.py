@@ -175,7 +175,8 @@ class TrainingSession:
     def check_points(self, where: Callable[[str], str] | None = None) -> None:
         """Every freeze and unfreeze point exists in the backbone (before any image is read); `where` locates a
         field in the user's file for the message."""
-        check_points(self.backbone, self.recipe.backbone.freeze, self.recipe.stages, *([where] if where else []))
+        taps = [head.at for head in self.recipe.head.auxiliary]
+        check_points(self.backbone, self.recipe.backbone.freeze, self.recipe.stages, where or (lambda field: ""), taps)
 
     def load_data(self, folder: ImageFolder) -> TrainingSession:
         """Builds the classifier (and autoencoder) and the pipelines on `folder`, from `prepare_data`."""

@@ -15,6 +15,7 @@ from tltoolkit.model import build_classifier
 from tltoolkit.recipe import HeadConfig, Recipe
 from tltoolkit.stages.features import FeatureSource
 from tltoolkit.stages.pretrain import reconstruction_loss
+from tltoolkit.stages.supervision import Supervision, decayed, prepare_supervision
 
 
 @dataclass
@@ -34,13 +35,8 @@ class Joint:
 
     def weight_at(self, epoch: int) -> float:
         """The reconstruction loss's weight in (global, 0-based) epoch `epoch`."""
-        progress = min(1.0, epoch / max(1, self.total_epochs - 1))  # Zero in the last epoch.
-        w0, decay = self.config.joint_weight, self.config.joint_decay
-        if decay == "linear":
-            return w0 * (1.0 - progress)
-        if decay == "cosine":
-            return w0 * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
-        return w0
+        progress = epoch / max(1, self.total_epochs - 1)  # Zero in the last epoch.
+        return decayed(self.config.joint_weight, self.config.joint_decay, progress)
 
     def losses(self, label_smoothing: float) -> list:
         """Masked classification loss (unlabelled rows add nothing) and the weighted reconstruction loss."""
@@ -64,11 +60,14 @@ class Training:
     class_weight: dict[int, float] | None
     features: FeatureSource | None
     joint: Joint | None = None  # An autoencoder recipe in `joint` mode: reconstruction trains alongside.
+    supervision: Supervision | None = None  # `head.auxiliary`: auxiliary heads train alongside.
 
     @property
     def checkpoint_model(self) -> keras.Model:
-        """The model whose every variable a checkpoint holds (the joint model includes the decoder)."""
-        return self.joint.model if self.joint is not None else self.model
+        """The model whose every variable a checkpoint holds (with the decoder, or the auxiliary heads, if any)."""
+        if self.joint is not None:
+            return self.joint.model
+        return self.supervision.model if self.supervision is not None else self.model
 
 
 def _masked_crossentropy(label_smoothing: float):
@@ -113,6 +112,7 @@ def prepare_training(
         class_weight=class_weights(recipe.head, labels, folder.class_names),
         features=FeatureSource(folder.parts, folder.num_classes, recipe.data, seed, recipe.backbone.weights),
         joint=joint,
+        supervision=prepare_supervision(recipe, model, backbone, folder.num_classes),
     )
 
 
