@@ -135,6 +135,68 @@ def tta(args) -> tuple[list[dict], dict]:
     return rows, figures
 
 
+# GoogLeNet's auxiliary classifiers: weight 0.3 on two middle blocks; here MobileNetV2's stride-8 and stride-16 stage ends.
+AUXILIARY = "[{at: block_6_expand_relu, weight: 0.3}, {at: block_13_expand_relu, weight: 0.3}]"
+
+
+@benchmark
+def deep_supervision(args) -> tuple[list[dict], dict]:
+    """Deep supervision on the shipped MobileNetV2 recipes, main head only vs with two auxiliary heads (`AUXILIARY`,
+    decaying linearly to zero over the fine-tune, warmed up on the frozen backbone in the head stage), same epochs:
+    `mobilenet_v2.yaml` on ants vs bees and `quickstart.yaml` on the digits demo (its test split too), seeds 42-44.
+    """
+    import numpy as np
+
+    import tltoolkit
+    from tltoolkit.data.demo import write_digits
+
+    sets = {
+        "hymenoptera": ("mobilenet_v2.yaml", Path(args.data or HYMENOPTERA)),
+        "digits": ("quickstart.yaml", write_digits(Path(args.workdir) / "digits")),
+    }
+    rows = []
+    for name, (recipe, data) in sets.items():
+        for seed in SEEDS:
+            for arm, extra in (("main only", []), ("auxiliary", [f"head.auxiliary={AUXILIARY}"])):
+                started = time.perf_counter()
+                result = tltoolkit.run(
+                    REPO / "recipes" / recipe,
+                    data,
+                    [f"seed={seed}", "evaluation.top_losses=0", *extra],
+                    args.tracking_uri,
+                    "bench-deep-supervision",
+                    args.verbose,
+                )
+                m = result.metrics
+                rows.append(
+                    {
+                        "data": name,
+                        "seed": seed,
+                        "arm": arm,
+                        "val_accuracy": round(m["val_accuracy"], 4),
+                        "val_loss": round(m["val_loss"], 4),
+                        "test_accuracy": round(m.get("test_accuracy", float("nan")), 4),
+                        "wall_s": round(time.perf_counter() - started, 1),
+                    }
+                )
+    figures = {}
+    for name in sets:
+        for key in ("val_accuracy", "test_accuracy", "val_loss", "wall_s"):
+            by_arm = {
+                arm: np.array([r[key] for r in rows if r["data"] == name and r["arm"] == arm])
+                for arm in ("main only", "auxiliary")
+            }
+            if np.isnan(by_arm["auxiliary"]).all():
+                continue
+            for arm, label in (("main only", "main"), ("auxiliary", "auxiliary")):
+                figures[f"{name}_{label}_{key}_mean"] = round(float(by_arm[arm].mean()), 4)
+                figures[f"{name}_{label}_{key}_std"] = round(float(by_arm[arm].std()), 4)
+            delta = by_arm["auxiliary"] - by_arm["main only"]
+            figures[f"{name}_{key}_delta_mean"] = round(float(delta.mean()), 4)
+            figures[f"{name}_{key}_deltas"] = [round(float(d), 4) for d in delta]
+    return rows, figures
+
+
 @benchmark
 def resize_filter(args) -> tuple[list[dict], dict]:
     """Which resize filter should be the default: the head stage of recipes/mobilenet_v2.yaml (no flips, so on the
