@@ -135,7 +135,7 @@ def tta(args) -> tuple[list[dict], dict]:
     return rows, figures
 
 
-# GoogLeNet's auxiliary classifiers: weight 0.3 on two middle blocks; here MobileNetV2's stride-8 and stride-16 stage ends.
+# GoogLeNet's auxiliary classifiers: weight 0.3 on two middle blocks; here MobileNetV2's stride-8 and -16 stage ends.
 AUXILIARY = "[{at: block_6_expand_relu, weight: 0.3}, {at: block_13_expand_relu, weight: 0.3}]"
 
 
@@ -194,6 +194,64 @@ def deep_supervision(args) -> tuple[list[dict], dict]:
             delta = by_arm["auxiliary"] - by_arm["main only"]
             figures[f"{name}_{key}_delta_mean"] = round(float(delta.mean()), 4)
             figures[f"{name}_{key}_deltas"] = [round(float(d), 4) for d in delta]
+    return rows, figures
+
+
+@benchmark
+def probe(args) -> tuple[list[dict], dict]:
+    """The probe's answer against the shipped recipes' fine-tune (which unfreezes all), same epochs: `tltoolkit probe`
+    on ants vs bees (`mobilenet_v2.yaml`) and on the digits demo (`quickstart.yaml`), then each recipe as shipped
+    and with `stages.1.unfreeze=auto` (the probe's suggestion; the head stage is the same), seeds 42-44.
+    """
+    import numpy as np
+    from mlflow import MlflowClient
+
+    import tltoolkit
+    from tltoolkit.data.demo import write_digits
+
+    sets = {
+        "hymenoptera": ("mobilenet_v2.yaml", Path(args.data or HYMENOPTERA)),
+        "digits": ("quickstart.yaml", write_digits(Path(args.workdir) / "digits")),
+    }
+    rows, figures = [], {}
+    for name, (recipe, data) in sets.items():
+        started = time.perf_counter()
+        outcome = tltoolkit.probe(REPO / "recipes" / recipe, data, [], args.tracking_uri, "bench-probe", args.verbose)
+        found = outcome.probe
+        figures[f"{name}_probe_s"] = round(time.perf_counter() - started, 1)
+        figures[f"{name}_probe_curve"] = {p.layer: round(p.val_accuracy, 4) for p in found.points}
+        figures[f"{name}_suggestion"] = f"{found.suggestion} (unfreeze: {found.unfreeze})"
+        for seed in SEEDS:
+            for arm, extra in (("shipped", []), ("probe", ["stages.1.unfreeze=auto"])):
+                overrides = [f"seed={seed}", "evaluation.top_losses=0", *extra]
+                started = time.perf_counter()
+                result = tltoolkit.run(
+                    REPO / "recipes" / recipe, data, overrides, args.tracking_uri, "bench-probe", args.verbose
+                )
+                params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
+                m = result.metrics
+                rows.append(
+                    {
+                        "data": name,
+                        "seed": seed,
+                        "arm": arm,
+                        "unfreeze": params.get("stages.1.unfreeze"),
+                        "val_accuracy": round(m["val_accuracy"], 4),
+                        "test_accuracy": round(m.get("test_accuracy", float("nan")), 4),
+                        "wall_s": round(time.perf_counter() - started, 1),
+                    }
+                )
+        for key in ("val_accuracy", "test_accuracy", "wall_s"):
+            by_arm = {
+                arm: np.array([r[key] for r in rows if r["data"] == name and r["arm"] == arm])
+                for arm in ("shipped", "probe")
+            }
+            if np.isnan(by_arm["probe"]).all():
+                continue
+            for arm in by_arm:
+                figures[f"{name}_{arm}_{key}_mean"] = round(float(by_arm[arm].mean()), 4)
+                figures[f"{name}_{arm}_{key}_std"] = round(float(by_arm[arm].std()), 4)
+            figures[f"{name}_{key}_delta_mean"] = round(float((by_arm["probe"] - by_arm["shipped"]).mean()), 4)
     return rows, figures
 
 

@@ -16,6 +16,7 @@ from tltoolkit.backbones import (
     register_weight_source,
 )
 from tltoolkit.commands.export import ExportOptions, ExportResult, export
+from tltoolkit.commands.probe import ProbeOutcome, probe
 from tltoolkit.commands.register import register
 from tltoolkit.commands.run import RunResult, run
 from tltoolkit.commands.tune import Distributed, TuneResult, tune
@@ -29,6 +30,7 @@ __all__ = [
     "Distributed",
     "ExportOptions",
     "ExportResult",
+    "ProbeOutcome",
     "Recipe",
     "RunResult",
     "TltoolkitError",
@@ -39,6 +41,7 @@ __all__ = [
     "export",
     "list_backbones",
     "load_recipe",
+    "probe",
     "register",
     "register_backbone",
     "register_weight_source",

@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--oracle-address", metavar="HOST:PORT", help="the chief's address (with --distributed)")
     tune.add_argument("--worker-id", help="a name for this worker (default: its process id)")
 
+    probe = command(
+        "probe",
+        help="how well the recipe's frozen backbone fits the data at each depth, and how much to unfreeze "
+        "(what `freeze: auto` and `unfreeze: auto` use)",
+    )
+    _add_run_flags(probe)
+    probe.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+
     demo = command("demo", help="write the built-in digits dataset and run recipes/quickstart.yaml on it")
     demo.add_argument("--out", default="data/digits", help="where the demo images go (default: data/digits)")
     demo.add_argument("--recipe", default="recipes/quickstart.yaml")
@@ -294,6 +302,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             verbose=verbose,
             distributed=distributed,
             unlabeled=args.unlabeled,
+        )
+    elif args.command == "probe":
+        from tltoolkit.commands.probe import probe
+
+        probe(
+            _find_recipe(args.recipe),
+            args.data,
+            args.overrides,
+            args.tracking_uri,
+            args.experiment,
+            verbose=verbose,
+            log=not args.no_log,
         )
     elif args.command == "demo":
         from tltoolkit.commands.run import run

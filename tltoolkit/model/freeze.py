@@ -49,6 +49,8 @@ def _count(backbone: keras.Model, count: int, field: str) -> int:
 def frozen_prefix(backbone: keras.Model, freeze: Any, field: str = "backbone.freeze") -> int:
     """How many leading layers `backbone.freeze` freezes: `all`, `none`, N, a fraction, or up to a layer (inclusive)."""
     total = len(backbone.layers)
+    if freeze == "auto":
+        raise BackboneError(f"{field}=auto is the probe's answer; resolve it first (`stages.probe.resolve_auto`).")
     if freeze == "all":
         return total
     if freeze == "none":
@@ -119,11 +121,14 @@ def check_points(backbone: keras.Model, freeze: Any, stages, where=lambda field:
         except BackboneError as exc:
             raise BackboneError(f"{where(field)}{exc}") from None
     try:
-        frozen_prefix(backbone, freeze)
+        if freeze != "auto":  # `auto` points are the probe's answer, known once the data is (`stages/probe.py`).
+            frozen_prefix(backbone, freeze)
     except BackboneError as exc:
         raise BackboneError(f"{where('backbone.freeze')}{exc}") from None
     for index, stage in enumerate(stages):
         field = f"stages.{index}.unfreeze"
+        if stage.unfreeze == "auto" or (stage.unfreeze == "none" and freeze == "auto"):
+            continue
         try:
             unfrozen_prefix(backbone, stage.unfreeze, freeze, field=field)
         except BackboneError as exc:

@@ -94,7 +94,11 @@ class DataConfig(_Section):
 class BackboneConfig(_Section):
     name: str = Field("mobilenet_v2", description="A registered backbone; `tltoolkit backbones` lists them.")
     weights: str = Field("imagenet", description="`imagenet`, `none`, another source the backbone lists, or a path.")
-    freeze: Any = Field("all", description="`all`, `none`, N first layers, a fraction, or up to a layer name.")
+    freeze: Any = Field(
+        "all",
+        description="`all`, `none`, N first layers, a fraction, up to a layer name, or `auto` (what `tltoolkit probe` "
+        "measures on the data: `all` when the backbone's output serves best, else up to the best depth).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -104,7 +108,7 @@ class BackboneConfig(_Section):
     @field_validator("freeze", mode="before")
     @classmethod
     def _freeze_point(cls, value: Any) -> Any:
-        return _check_layer_point(value, what="freeze", words=("all", "none"))
+        return _check_layer_point(value, what="freeze", words=("all", "none", "auto"))
 
 
 class AuxiliaryHeadConfig(_Section):
@@ -223,7 +227,8 @@ class StageConfig(_Section):
     epochs: int = Field(5, ge=1, le=100_000, description="Epochs to train (fewer if early stopping ends it).")
     unfreeze: Any = Field(
         "none",
-        description="`none` keeps backbone.freeze; `all`; top K layers; a top fraction; or from a layer name up.",
+        description="`none` keeps backbone.freeze; `all`; top K layers; a top fraction; from a layer name up; or "
+        "`auto`: the probe's answer (`tltoolkit probe`): none, from the layer above the best depth, or all.",
     )
     train_bn: bool = Field(False, description="Also train BatchNormalization gamma/beta (statistics never update).")
     optimizer: OptimizerConfig = Field(OptimizerConfig(), description="A fresh optimizer for this stage.")
@@ -240,7 +245,7 @@ class StageConfig(_Section):
     @field_validator("unfreeze", mode="before")
     @classmethod
     def _unfreeze_point(cls, value: Any) -> Any:
-        return _check_layer_point(value, what="unfreeze", words=("none", "all"))
+        return _check_layer_point(value, what="unfreeze", words=("none", "all", "auto"))
 
 
 def _default_stages() -> list[StageConfig]:
@@ -475,6 +480,16 @@ class Recipe(_Section):
                 f"pretrain.autoencoder: data.image_size {self.data.image_size} must be divisible by "
                 f"2**{len(ae.widths)} = {2 ** len(ae.widths)} (one halving per width), so the decoder mirrors the "
                 "encoder exactly; change one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _auto_needs_a_pretrained_backbone(self) -> Recipe:
+        auto = self.backbone.freeze == "auto" or any(stage.unfreeze == "auto" for stage in self.stages)
+        if auto and self.pretrain is not None:
+            raise ValueError(
+                "`auto` freeze points come from probing a pretrained backbone, but this recipe's encoder is trained in "
+                "the run itself (pretrain); give the freeze and unfreeze points (a layer name, a count, all or none)"
             )
         return self
 

@@ -209,17 +209,17 @@ class FeatureSource:
         extractor = keras.Model(backbone.inputs, cached, name=f"{backbone.name}_prefix")
         train, val = self.parts["train"], self.parts["val"]
         what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
-        outputs = _extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
+        outputs = extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
         return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
 
 
-def _extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
+def extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
     """Runs `extractor` over `items` in file order (compiled, as `predict`), with progress; one array per cut tensor."""
     from tltoolkit.data.pipeline import image_dataset
 
     ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
     if verbose:
-        _logger.info("Feature cache: computing the frozen layers' outputs for %s (once)...", what)
+        _logger.info("Computing the frozen layers' outputs for %s (once)...", what)
     tty = bool(verbose) and sys.stdout.isatty()
     progress = [] if tty or not verbose else [_Progress(len(items), data.batch_size)]
     outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,10 +44,12 @@ from tltoolkit.stages.checkpoint import (
 )
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import PRETRAIN_STREAM, Pretraining, fit_autoencoder, prepare_pretraining
+from tltoolkit.stages.probe import ProbeResult, probe_backbone, resolve_auto, uses_auto
 from tltoolkit.stages.runner import ClassifierOutcome, fit_stage
 from tltoolkit.stages.training import Training, prepare_training
 
 PRETRAIN, CLASSIFIER = "pretrain", "classifier"
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class TrainingSession:
         self.folder: ImageFolder | None = None
         self.pretraining: Pretraining | None = None
         self.training: Training | None = None
+        self.probe: ProbeResult | None = None  # With `auto` freeze points: the probe that resolved them.
         self._stage_evals: dict[str, Evaluation] = {}
         keras.utils.set_random_seed(self.seed)
         with self.scope():
@@ -181,6 +185,11 @@ class TrainingSession:
     def load_data(self, folder: ImageFolder) -> TrainingSession:
         """Builds the classifier (and autoencoder) and the pipelines on `folder`, from `prepare_data`."""
         self.folder, unlabeled = folder, self.options.unlabeled or self.recipe.data.unlabeled
+        if uses_auto(self.recipe):
+            self.probe = probe_backbone(self.backbone, folder.parts, self.recipe.data, self.options.progress)
+            self.recipe = resolve_auto(self.recipe, self.probe)
+            self.plan = plan_stages(self.recipe)
+            _logger.info("Probe: %s. %s", self.probe.suggestion, self.probe.evidence)
         with self.scope():
             if self.recipe.pretrain is not None:
                 self.pretraining = prepare_pretraining(

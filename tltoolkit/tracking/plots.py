@@ -213,3 +213,26 @@ def gradcam_figure(image: np.ndarray, heatmap: np.ndarray, title: str):
     figure.suptitle(_plain(title), fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def probe_figure(table: pd.DataFrame, chosen: str, suggestion: str, title: str = "") -> plt.Figure:
+    """Val accuracy (and train accuracy) of a linear classifier on the frozen features at each depth; the chosen
+    depth marked. `table` is `ProbeResult.table()`."""
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    x = np.arange(len(table))
+    ax.plot(x, table["train_accuracy"], "-o", color="0.6", markersize=4, label="train accuracy")
+    ax.plot(x, table["val_accuracy"], "-s", markersize=5, label="val accuracy")
+    at = int(np.flatnonzero(table["layer"].to_numpy() == chosen)[0])
+    ax.axvline(at, color="tab:green", linestyle="--", label=f"chosen: {_plain(chosen)}")
+    labels = [
+        f"{_plain(layer)}\n(layer {index}, /{reduction})"
+        for layer, index, reduction in zip(table["layer"], table["index"], table["reduction"])
+    ]
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(max(0.0, float(table[["train_accuracy", "val_accuracy"]].min().min()) - 0.05), 1.01)
+    ax.set_ylabel("accuracy of a linear probe")
+    ax.set_xlabel("depth (frozen features after this layer)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title(f"{_plain(title)}\nsuggestion: {suggestion}" if title else f"suggestion: {suggestion}")
+    return fig

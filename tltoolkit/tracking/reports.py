@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 
 from tltoolkit.data import ImageFolder, SkippedFile, skipped_frame
 from tltoolkit.model.metrics import Evaluation
@@ -16,6 +16,7 @@ from tltoolkit.tracking.plots import (
     confusion_figure,
     curves_figure,
     gradcam_figure,
+    probe_figure,
     reliability_figure,
     top_losses_figure,
 )
@@ -112,6 +113,32 @@ def report_text(evaluation: Evaluation, class_names: list[str]) -> str:
     matrix.index.name = "true \\ predicted"
     report = evaluation.report.drop(columns="row", errors="ignore").set_index("class").round(3)
     return f"{report.to_string()}\n\nConfusion matrix:\n{matrix.to_string()}\n"
+
+
+def log_probe(client: MlflowClient, run_id: str, probe, title: str) -> None:
+    """A probe (`stages.probe.ProbeResult`) on a run: `probe_val_accuracy` and `probe_val_loss` with the layer
+    index as step (MLflow's chart of them is accuracy by depth), its answer as `probe.*` params, and under `probe/`
+    the table, the evidence and the plot."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"probe_{key}", getattr(point, key), now, point.index)
+        for point in probe.points
+        for key in ("val_accuracy", "val_loss", "train_accuracy")
+    ]
+    client.log_batch(run_id, metrics=metrics)
+    params = {
+        "probe.suggestion": probe.suggestion,
+        "probe.chosen_layer": probe.chosen.layer,
+        "probe.freeze": probe.freeze,
+        "probe.unfreeze": probe.unfreeze,
+    }
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    table = probe.table()
+    client.log_text(run_id, table.to_csv(index=False), "probe/probe.csv")
+    client.log_text(run_id, f"{probe.suggestion}: {probe.evidence}\n", "probe/suggestion.txt")
+    figure = probe_figure(table, probe.chosen.layer, probe.suggestion, title)
+    client.log_figure(run_id, figure, "probe/accuracy_by_depth.png")
+    plt.close(figure)
 
 
 def log_curves(client: MlflowClient, run_id: str, history: pd.DataFrame, title: str, name: str) -> None:

@@ -38,6 +38,7 @@ from tltoolkit.tracking.reports import (
     log_data_report,
     log_evaluation,
     log_interpretation,
+    log_probe,
     log_skipped_files,
 )
 from tltoolkit.tracking.store import checkpoint_root
@@ -166,6 +167,8 @@ class RunTracker(TrainingHooks):
         self._log_params(self.parent_id, {**recipe.flat(), **counts})
         self.client.log_text(self.parent_id, self.saved_recipe, "recipe.yaml")
         log_data_report(self.client, self.parent_id, folder)
+        if self.session.probe is not None:  # `auto` freeze points: the measurement that set them.
+            log_probe(self.client, self.parent_id, self.session.probe, f"{self.run_name}: probe")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about inferring the manifest's schema.
             name = folder.root.resolve().name
