@@ -10,6 +10,7 @@ import tltoolkit
 from tltoolkit.backbones import create_backbone
 from tltoolkit.cli import main
 from tltoolkit.data import prepare_data
+from tltoolkit.deploy.artifacts import tflite_interpreter
 from tltoolkit.recipe import load_recipe
 from tltoolkit.stages import SessionOptions, TrainingSession
 from tltoolkit.stages.supervision import weight_schedule
@@ -86,7 +87,7 @@ def test_auxiliary_heads_train_on_their_taps_and_the_model_keeps_one_output(imag
         np.testing.assert_allclose(through[key], supervised[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def test_resume_with_auxiliary_heads_is_bit_identical_and_the_logged_model_has_one_output(image_folder, monkeypatch):
+def test_resume_with_auxiliary_heads_is_bit_identical_and_models_have_one_output(image_folder, monkeypatch):
     from tltoolkit.tracking.runs import RunTracker
 
     recipe = aux_recipe({"at": "block2_relu", "dense": [8]}, {"at": "block3_relu", "decay": "cosine"})
@@ -112,6 +113,10 @@ def test_resume_with_auxiliary_heads_is_bit_identical_and_the_logged_model_has_o
     for key in ("aux0_weight", "aux1_weight", "val_aux1_loss"):
         np.testing.assert_array_equal(whole.history[key], resumed.history[key], err_msg=key)
     assert whole.history["aux1_weight"].iloc[-1] == 0.0
+
+    exported = tltoolkit.export(resumed.run_id, "tflite", output="exported")  # Verified against Keras as always.
+    (output,) = tflite_interpreter(str(exported.artifact)).get_output_details()
+    assert list(output["shape"]) == [1, 3], "the main head's probabilities only"
 
 
 def test_an_unknown_tap_fails_before_data_is_read_naming_the_yaml_line(tmp_path, capsys):
