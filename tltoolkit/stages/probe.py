@@ -31,6 +31,8 @@ _logger = logging.getLogger(__name__)
 AUTO = "auto"
 # Images per class from which the rule says "fine-tune everything" whatever the probe shows (the rule's "a lot").
 LARGE_PER_CLASS = 1000
+# Images per part the probe uses at most (a fixed sample beyond): the curve is clear long before, the cost is not.
+MAX_IMAGES = 10_000
 HEAD_ONLY, UNFREEZE, FINETUNE_ALL = "head only", "unfreeze from a layer", "fine-tune all"
 
 
@@ -97,7 +99,8 @@ def probe_backbone(
     points = cut_points(backbone)
     pooled = [_pooled(layer_output(backbone, point.name)) for point in points]
     extractor = keras.Model(backbone.inputs, pooled, name=f"{backbone.name}_probe")
-    train, val = parts["train"], parts["val"]
+    per_class = int(np.bincount([label for _, label in parts["train"]]).min())
+    train, val = _sample(parts["train"]), _sample(parts["val"])
     what = f"{len(train) + len(val)} images at {len(points)} depths of {backbone.name}"
     features = extract(extractor, train + val, data, what, verbose)
     y_train = np.array([label for _, label in train])
@@ -121,8 +124,16 @@ def probe_backbone(
             )
         )
         _logger.debug("Probe at %s (layer %d): val accuracy %.4f", point.name, point.index, probed[-1].val_accuracy)
-    per_class = int(np.bincount(y_train).min()) if len(y_train) else 0
-    return decide(probed, backbone, len(train), len(val), per_class)
+    return decide(probed, backbone, len(parts["train"]), len(val), per_class)
+
+
+def _sample(items: list[Item]) -> list[Item]:
+    """At most `MAX_IMAGES` of `items` (a fixed sample), so a large folder costs a bounded pass and fit."""
+    if len(items) <= MAX_IMAGES:
+        return items
+    keep = np.sort(np.random.default_rng(0).choice(len(items), MAX_IMAGES, replace=False))
+    _logger.info("Probe: a sample of %d of %d images.", MAX_IMAGES, len(items))
+    return [items[i] for i in keep]
 
 
 def _pooled(tensor):
