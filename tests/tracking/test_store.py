@@ -61,3 +61,56 @@ def test_two_runs_writing_one_sqlite_store_at_once_both_finish(image_folder, tmp
                 assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == steps
     for parent in parents:
         assert {"val_accuracy", "val_loss", "head_val_accuracy", "finetune_val_accuracy"} <= set(parent.data.metrics)
+
+
+def test_a_store_that_can_be_read_but_not_written_fails_before_the_data_is_scanned(image_folder, tmp_path, capsys):
+    import sqlite3
+
+    import yaml
+    from conftest import tiny_recipe
+
+    from tltoolkit.cli import main
+
+    db = tmp_path / "ro" / "mlflow.db"
+    connect(f"sqlite:///{db}", "tltoolkit")
+    with sqlite3.connect(db) as con:  # What a read-only file does to a non-root writer (root ignores file modes).
+        for table in ("experiment_tags", "runs", "tags", "params"):
+            for event in ("INSERT", "UPDATE"):
+                con.execute(
+                    f"CREATE TRIGGER ro_{table}_{event} BEFORE {event} ON {table} "
+                    "BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END"
+                )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe()))
+    assert main(["run", str(recipe), "--data", str(image_folder), "--tracking-uri", f"sqlite:///{db}"]) == 2
+    out, err = capsys.readouterr()
+    assert f"The MLflow tracking store {db} can be read but not written" in err and "chmod u+w" in err
+    assert "Data " not in out, "refused before the folder was scanned"
+
+
+RAW_CLIENT = """
+import sys
+import mlflow
+print("creating", flush=True)
+mlflow.MlflowClient(sys.argv[1]).search_experiments()  # Creates and migrates the store's tables, as `mlflow ui` does.
+"""
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6])
+def test_another_mlflow_client_creating_the_store_at_the_same_moment_is_waited_for(tmp_path, delay):
+    import subprocess
+    import sys
+    import time
+
+    # MLflow creates a fresh SQLite store's tables and then runs its ~50 migrations (a second or two); a client that
+    # opens the store meanwhile sees a half-built schema ("no such column", "table ... already exists").
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other = subprocess.Popen([sys.executable, "-c", RAW_CLIENT, uri], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "creating"
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "mlflow.db").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)  # Into its table creation and migrations.
+    experiment_id = connect(uri, "race")
+    assert other.wait(timeout=120) == 0
+    assert experiment_id == connect(uri, "race")

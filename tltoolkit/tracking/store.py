@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -132,17 +134,91 @@ def connect(uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _wait_for_another_creator(Path(uri.removeprefix("sqlite:///")))
+    deadline = time.monotonic() + INIT_RACE_S
+    for attempt in itertools.count(1):
+        try:
+            with _store_lock(uri), _quiet_store_setup():
+                return _experiment_id(mlflow, uri, experiment)
+        except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy) for one cause.
+            text = str(exc)
+            if _init_race(uri, text) and time.monotonic() < deadline:
+                time.sleep(min(0.2 * attempt, 2.0))  # Another client is creating the store's tables: let it finish.
+                continue
+            raise TrackingError(_unusable(uri, exc)) from exc
+
+
+# How long a SQLite store that another MLflow client (`mlflow ui`, a script) is creating at the same moment is waited
+# for: their table creation and migrations collide with ours, and every collision but the last one's fails.
+INIT_RACE_S = 30.0
+_RACE = (
+    "already exists",
+    "duplicate column",
+    "Online migration expected",
+    "database is locked",
+    "no such table",
+    "no such column",
+    "out-of-date database schema",
+)
+
+
+def _wait_for_another_creator(path: Path) -> None:
+    """Waits while another MLflow client (`mlflow ui`, a script) creates this SQLite store: a file written in the last
+    minute whose schema is not yet MLflow's newest. MLflow's tracking store creates and migrates its tables without
+    a lock, so opening it meanwhile would break that client's migrations, and ours."""
+    if not path.is_file() or time.time() - path.stat().st_mtime > 60:
+        return
     try:
-        with _store_lock(uri), _quiet_store_setup():
-            found = mlflow.get_experiment_by_name(experiment)
-            if found is not None:
-                experiment_id = found.experiment_id
-            else:
-                experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
-            mark_training_experiment(mlflow.MlflowClient(uri), experiment_id)
-            return experiment_id
-    except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy) for one cause.
-        raise TrackingError(
-            f"The MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
-            "Check that the server is running and reachable, or pass another --tracking-uri."
-        ) from exc
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        head = _get_latest_schema_revision()
+    except Exception:  # A private helper of MLflow's: without it, the retries in `connect` still apply.
+        return
+    deadline = time.monotonic() + INIT_RACE_S
+    while _schema_version(path) != head and time.monotonic() < deadline:
+        if time.time() - path.stat().st_mtime > 5:
+            return  # Nobody is writing it: a half-made store of a process that died; MLflow will say what is wrong.
+        time.sleep(0.1)
+
+
+def _schema_version(path: Path) -> str | None:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as connection:
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def _init_race(uri: str, message: str) -> bool:
+    return uri.startswith("sqlite:///") and any(sign in message for sign in _RACE)
+
+
+def _experiment_id(mlflow, uri: str, experiment: str) -> str:
+    """The experiment's id (created if needed), with one write (the experiment's kind tag), so a store that can be
+    read but not written fails here, before any work, not at the first metric."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+    key, value = EXPERIMENT_KIND
+    mlflow.MlflowClient(uri).set_experiment_tag(experiment_id, key, value)
+    return experiment_id
+
+
+def _unusable(uri: str, exc: Exception) -> str:
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    if "readonly" in str(exc) or "read-only" in str(exc):
+        where = uri.removeprefix("sqlite:///")
+        return (
+            f"The MLflow tracking store {where} can be read but not written ({first}). Make it writable "
+            f"(chmod u+w {where}, and its folder), or pass another --tracking-uri."
+        )
+    return (
+        f"The MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {first}). "
+        "Check that the server is running and reachable, or pass another --tracking-uri."
+    )
