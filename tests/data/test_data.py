@@ -253,3 +253,34 @@ def test_a_rescan_decodes_only_new_or_changed_files(tmp_path, monkeypatch):
     third = prepare_data(root, progress=False)
     assert sorted(decoded) == ["new.png", "red_0.png"]
     assert [Path(s.path).name for s in third.skipped] == ["red_0.png"]
+
+
+def test_links_cannot_falsify_a_dataset(tmp_path):
+    root = write_images(tmp_path / "photos", per_class=3)  # red, green, blue: 9 images.
+    outside = write_images(tmp_path / "elsewhere", {"grey": (128, 128, 128)}, per_class=2)
+    (root / "zz").symlink_to(".")  # Would be a class holding every image.
+    (root / "grey").symlink_to(outside / "grey")  # A class folder that lives elsewhere.
+    red, blue = root / "red", root / "blue"
+    (red / "blue_0.png").symlink_to(blue / "blue_0.png")  # The same image under a second label.
+    (red / "again.png").symlink_to(red / "red_1.png")  # The same image twice in one class.
+    (red / "far.png").symlink_to(outside / "grey" / "grey_0.png")  # Leaves the data folder.
+    (red / "loop").symlink_to(red)  # A folder link back to its own class.
+    (red / "gone.png").symlink_to(red / "no-such.png")
+    (blue / "shelf").mkdir()
+    (red / "shelf").symlink_to(blue / "shelf")  # A linked folder inside the tree, holding one more image.
+    Image.new("RGB", (24, 24), (30, 30, 220)).save(blue / "shelf" / "extra.png")
+
+    folder = prepare_data(root, 0.34, seed=0, progress=False)
+    assert folder.class_names == ["blue", "green", "red"]
+    used = {Path(path).resolve(): label for items in folder.parts.values() for path, label in items}
+    assert len(used) == sum(len(items) for items in folder.parts.values()) == 10, "9 images and the shelf's, once"
+    assert used[(blue / "blue_0.png").resolve()] == 0 and used[(blue / "shelf" / "extra.png").resolve()] == 0
+    reasons = {Path(s.path).name: s.reason for s in folder.skipped}
+    assert "not a class folder" in reasons["zz"] and "not a class folder" in reasons["grey"]
+    assert "one image cannot carry two labels" in reasons["blue_0.png"] and "class 'blue'" in reasons["blue_0.png"]
+    assert "the same file as" in reasons["again.png"] and "two labels" not in reasons["again.png"]
+    assert "outside" in reasons["far.png"] and "loop" in reasons["loop"] and "broken link" in reasons["gone.png"]
+    assert "extra.png" in reasons and "the same file as" in reasons["extra.png"], "reached again through red/shelf"
+    # Everything on disk is accounted for: each entry of the tree is used or reported.
+    entries = [p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()]
+    assert len(used) + len(folder.skipped) == len(entries)

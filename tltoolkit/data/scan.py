@@ -165,10 +165,18 @@ def check_files(
 
 
 def _class_dirs(root: Path) -> tuple[list[Path], list[SkippedFile]]:
-    """Class folders directly under `root`; stray files at the top are reported as skipped."""
+    """Class folders directly under `root`; stray files at the top and linked class folders are reported as skipped."""
     dirs, stray = [], []
     for entry in sorted(root.iterdir()):
-        if entry.is_dir():
+        if entry.is_symlink() and entry.is_dir():
+            stray.append(
+                SkippedFile(
+                    str(entry),
+                    f"a link to the folder {entry.resolve()}, not a class folder: its images could belong to other "
+                    "classes (`ln -s . x` would make a class of every image); move the folder here instead",
+                )
+            )
+        elif entry.is_dir():
             if entry.name.startswith(".") or entry.name == "__MACOSX":
                 stray.extend(SkippedFile(str(f), skip_reason(f) or "hidden folder") for f in list_files(entry))
             else:
@@ -176,6 +184,65 @@ def _class_dirs(root: Path) -> tuple[list[Path], list[SkippedFile]]:
         elif entry.is_file():
             stray.append(SkippedFile(str(entry), skip_reason(entry) or "not inside a class folder"))
     return dirs, stray
+
+
+def class_files(folder: Path, root: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """Every file under a class folder, at any depth, sorted; links are followed only where they stay inside `root`.
+
+    A link that leaves `root`, is broken, or leads back to a folder already walked (a loop) is reported, never
+    silently dropped: the files used plus the entries skipped account for everything in the folder.
+    """
+    base, files, skipped, walked = root.resolve(), [], [], set()
+
+    def walk(directory: Path) -> None:
+        real = directory.resolve()
+        if real in walked:
+            skipped.append(SkippedFile(str(directory), f"a link back to {real}, already scanned (a loop)"))
+            return
+        walked.add(real)
+        for entry in sorted(directory.iterdir(), key=lambda e: e.name):
+            if entry.is_symlink():
+                target = entry.resolve()
+                if not target.exists():
+                    skipped.append(SkippedFile(str(entry), f"a broken link (to {target})"))
+                    continue
+                if not target.is_relative_to(base):
+                    skipped.append(
+                        SkippedFile(str(entry), f"a link to {target}, outside {root}: copy or move it inside")
+                    )
+                    continue
+            if entry.is_dir():
+                walk(entry)
+            elif entry.is_file():
+                files.append(entry)
+
+    walk(folder)
+    return files, skipped
+
+
+def _distinct_files(
+    files: list[tuple[Path, int]], root: Path, names: list[str]
+) -> tuple[list[tuple[Path, int]], list[SkippedFile]]:
+    """Each file once: a second path to the same file (through a link) is skipped, naming the first; files reached
+    without a link come first, so the link is the one skipped. The same image never carries two labels."""
+    base = root.resolve()
+
+    def through_link(path: Path) -> bool:
+        return path.resolve().relative_to(base) != path.relative_to(root)
+
+    first: dict[Path, tuple[Path, int]] = {}
+    skipped: dict[int, SkippedFile] = {}
+    for index in sorted(range(len(files)), key=lambda i: through_link(files[i][0])):
+        path, label = files[index]
+        real = path.resolve()
+        if real not in first:
+            first[real] = (path, label)
+            continue
+        other, other_label = first[real]
+        clash = f", which is class {names[other_label]!r}: one image cannot carry two labels" if other_label != label else ""
+        skipped[index] = SkippedFile(str(path), f"the same file as {other} (through a link){clash}")
+    kept = [item for index, item in enumerate(files) if index not in skipped]
+    return kept, [skipped[index] for index in sorted(skipped)]
 
 
 def require_folder(root: str | Path) -> Path:
@@ -209,7 +276,13 @@ def scan_class_folders(root: Path, progress: bool = True) -> tuple[list[str], li
             f"({root}/cats/*.jpg, {root}/dogs/*.jpg)."
         )
     names = [d.name for d in dirs]
-    files = [(f, label) for label, d in enumerate(dirs) for f in list_files(d)]
+    files = []
+    for label, folder in enumerate(dirs):
+        found, refused = class_files(folder, root)
+        files.extend((f, label) for f in found)
+        skipped.extend(refused)
+    files, duplicates = _distinct_files(files, root, names)
+    skipped.extend(duplicates)
     checked = check_files([f for f, _ in files], progress=progress, cache=ScanCache(root))
     skipped.extend(checked.skipped)
     good = set(checked.images)
