@@ -41,3 +41,8 @@ class ExportError(TltoolkitError, ValueError):
 
 class RegistryError(TltoolkitError, ValueError):
     """A registered model name or alias MLflow would refuse, or a model that cannot be registered."""
+
+
+class DivergedError(TltoolkitError, ArithmeticError):
+    """The training loss stopped being a finite number (NaN or infinity): the stage is stopped, the last finite
+    checkpoint kept."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import pandas as pd
 
 from tltoolkit.commands.interrupts import interrupts_raise
 from tltoolkit.data.scan import require_folder
-from tltoolkit.errors import RecipeError, ResumeError
+from tltoolkit.errors import DivergedError, RecipeError, ResumeError
 from tltoolkit.recipe import Recipe, as_recipe, dump_recipe, locate
 from tltoolkit.tracking.store import checkpoint_root, connect, default_tracking_uri, resolve_tracking_uri
 
@@ -153,7 +154,8 @@ def _resume_point(client, experiment_id: str, resume: bool | str, key: str, reci
     from tltoolkit.tracking.runs import find_resume_point
 
     what = f"recipe {recipe.name or 'recipe'!r} on {Path(data_dir).resolve()}"
-    point = find_resume_point(client, experiment_id, resume, key, uri, what)
+    compatible = _learning_rates_changed(recipe, data_dir) if isinstance(resume, str) else None
+    point = find_resume_point(client, experiment_id, resume, key, uri, what, compatible)
     plan, state = plan_stages(recipe), point.checkpoint.state
     if state.stage < len(plan) and state.epoch >= 0:
         where = f"stage {state.stage + 1} of {len(plan)} ({plan[state.stage].name!r}) after epoch {state.epoch + 1}"
@@ -161,6 +163,28 @@ def _resume_point(client, experiment_id: str, resume: bool | str, key: str, reci
         where = f"before stage {state.stage + 1} of {len(plan)}"
     _logger.info("Resuming run %s from %s: %s.", point.parent_id, point.checkpoint.path.name, where)
     return point
+
+
+_LEARNING_RATE = re.compile(r"stages\.\d+\.optimizer\.learning_rate")
+
+
+def _learning_rates_changed(recipe: Recipe, data_dir):
+    """For `--resume RUN_ID`: a run on the same data whose recipe differs only in stage learning rates may be
+    continued (after the loss diverged, say), announced with what changed; anything else must match exactly."""
+
+    def compatible(run) -> bool:
+        logged, flat = run.data.params, {k: str(v)[:6000] for k, v in recipe.flat().items()}
+        changed = {k: (logged.get(k), v) for k, v in flat.items() if logged.get(k) != v}
+        same_data = run.data.tags.get("tltoolkit.data_dir") == str(Path(data_dir).resolve())
+        if not (changed and same_data and all(_LEARNING_RATE.fullmatch(k) for k in changed)):
+            return False
+        shown = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        _logger.warning(
+            "Resuming run %s with changed learning rate(s): %s (no longer an exact replay).", run.info.run_id, shown
+        )
+        return True
+
+    return compatible
 
 
 def _train(client, experiment_id: str, uri: str, session, key: str, point, overrides=()) -> RunResult:
@@ -182,14 +206,18 @@ def _train(client, experiment_id: str, uri: str, session, key: str, point, overr
     except BaseException as exc:
         tracker.fail(exc)
         if tracker.parent_id and store is not None and store.paths():
+            how = (
+                "with a smaller learning rate: the same command plus --resume {id} --set ...learning_rate=..."
+                if isinstance(exc, DivergedError)
+                else "with the same command plus --resume (or: tltoolkit run ... --resume {id})"
+            )
             _logger.warning(
-                "Run %s stopped (%s); marked %s. Its checkpoint is kept in %s.\nResume it with the same command plus "
-                "--resume (or: tltoolkit run ... --resume %s).",
+                "Run %s stopped (%s); marked %s. Its checkpoint is kept in %s.\nResume it %s.",
                 tracker.parent_id,
                 type(exc).__name__,
                 "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                 store.folder,
-                tracker.parent_id,
+                how.format(id=tracker.parent_id),
             )
         raise
     store.remove()

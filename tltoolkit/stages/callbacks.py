@@ -3,11 +3,13 @@ stopping, and the bridge from Keras's epoch end to the session's hooks."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
 import keras
 
+from tltoolkit.errors import DivergedError
 from tltoolkit.recipe import StageConfig
 from tltoolkit.stages.checkpoint import CheckpointStore, StageResume, TrainingState
 from tltoolkit.stages.hooks import TrainingHooks
@@ -95,3 +97,33 @@ class HookEpochs(keras.callbacks.Callback):
         values = {key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"}
         values["learning_rate"] = current_learning_rate(self.model.optimizer)
         self.hooks.on_epoch_end(self.stage, epoch, values)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Keras's `TerminateOnNaN`, as an error that says what happened and what to do: at the first batch whose loss is
+    NaN or infinite it raises `DivergedError`, so the epoch never ends, no checkpoint of diverged weights is written,
+    and the last one (finite) is what `--resume` continues from.
+
+    Args:
+        stage: The stage's name, for the message.
+        index: Its position in the recipe's `stages` (the `--set` path of its learning rate).
+    """
+
+    def __init__(self, stage: str, index: int):
+        super().__init__()
+        self.stage, self.index, self.epoch = stage, index, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        rate = current_learning_rate(self.model.optimizer)
+        raise DivergedError(
+            f"Stage {self.stage!r}, epoch {self.epoch + 1}, batch {batch + 1}: the training loss became {float(loss)}; "
+            f"the weights diverged, most likely because the learning rate ({rate:g}) is too high for this stage. "
+            f"Training stopped before this epoch's checkpoint. Resume from the last one with a smaller rate: the same "
+            f"command plus --resume <run id> --set stages.{self.index}.optimizer.learning_rate={rate / 10:g}"
+        )

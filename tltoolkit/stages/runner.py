@@ -17,7 +17,13 @@ import pandas as pd
 from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
 from tltoolkit.model.metrics import TOP_K
 from tltoolkit.recipe import Recipe, StageConfig
-from tltoolkit.stages.callbacks import EpochRows, ResumableEarlyStopping, StageRun, fit_verbosity
+from tltoolkit.stages.callbacks import (
+    EpochRows,
+    ResumableEarlyStopping,
+    StageRun,
+    StopOnNonFiniteLoss,
+    fit_verbosity,
+)
 from tltoolkit.stages.checkpoint import CheckpointCallback, restore_variables
 from tltoolkit.stages.features import CachedInputs
 from tltoolkit.stages.optimizers import build_optimizer
@@ -166,9 +172,15 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     if run.resume is not None:
         fit.model.optimizer.build(fit.model.trainable_variables)
         restore_variables(fit.model.optimizer.variables, run.resume.optimizer, "optimizer", run.resume.path)
+        optimizer = fit.model.optimizer
+        if not isinstance(optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            # A constant rate is one of the optimizer's variables: the recipe's value wins (the same one, unless the
+            # run is resumed with a changed rate after its loss diverged). A schedule is rebuilt from the recipe.
+            optimizer.learning_rate.assign(run.stage.optimizer.learning_rate)
     rows: list[dict] = [dict(row) for row in run.resume.rows] if run.resume else []
     stopper = _early_stopping(run)
-    callbacks = [*fit.leading, EpochRows(rows), *([stopper] if stopper else [])]
+    diverged = StopOnNonFiniteLoss(run.stage.name, run.stream)
+    callbacks = [diverged, *fit.leading, EpochRows(rows), *([stopper] if stopper else [])]
     if run.checkpoints is not None:
         callbacks.append(CheckpointCallback(run.checkpoints, training.checkpoint_model, run.state, rows, stopper))
     _describe(training, run, summary, fit.note)

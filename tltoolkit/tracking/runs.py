@@ -86,6 +86,7 @@ class RunTracker(TrainingHooks):
         self.client, self.experiment_id, self.session = client, experiment_id, session
         self.recipe, self.folder, self.key = session.recipe, session.folder, key
         self.parent_id, self.child_id = parent_id, None
+        self.resumed = parent_id is not None
         dataset = self.folder.root.resolve().name
         self.tags = {
             "tltoolkit.recipe": self.recipe.name or "recipe",
@@ -126,6 +127,8 @@ class RunTracker(TrainingHooks):
         if not resumed:
             self._log_inputs()
             self.client.set_tag(self.parent_id, "mlflow.note.content", self._description())
+        else:  # What a resume may change (learning rates) is logged beside what the run started with.
+            self._log_params(self.parent_id, self.recipe.flat())
         return self.parent_id
 
     def _unique(self, name: str) -> str:
@@ -176,7 +179,20 @@ class RunTracker(TrainingHooks):
             mlflow.log_input(manifest, context="training")
 
     def _log_params(self, run_id: str, params: dict) -> None:
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        """Logs `params`; one a resumed run logged before with another value (a learning rate changed to resume after
+        the loss diverged) is kept, and the new value logged as `resumed.<name>` (MLflow params never change)."""
+        values = {k: str(v)[:6000] for k, v in params.items()}
+        if self.resumed:
+            logged = self.client.get_run(run_id).data.params
+            for key in [k for k, v in values.items() if k in logged and logged[k] != v]:
+                value = values.pop(key)
+                name = next(
+                    f"resumed{n or ''}.{key}"
+                    for n in range(100)
+                    if logged.get(f"resumed{n or ''}.{key}") in (None, value)
+                )
+                values[name] = value
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
 
     # --- Stages ---
 
@@ -456,9 +472,13 @@ def find_resume_point(
     key: str,
     uri: str,
     what: str = "this recipe on this data folder",
+    compatible=None,
 ) -> ResumePoint:
     """The run `--resume` continues: the run id given, else the newest unfinished run with this resume key (`what`
     describes the command for the message when there is none).
+
+    `compatible(run)`: whether a run named by id whose resume key differs may still be continued (the command
+    decides: `tltoolkit run` allows changed learning rates).
 
     Raises:
         ResumeError: No such run, it finished, it has no readable checkpoint, or it was started with another
@@ -485,7 +505,7 @@ def find_resume_point(
         if point is None:
             continue
         _refuse_live_owner(candidate)
-        if point.checkpoint.state.key != key:
+        if point.checkpoint.state.key != key and not (compatible and compatible(candidate)):
             raise ResumeError(
                 f"Run {point.parent_id} was started with a different recipe (or --set overrides) or data folder; "
                 "resume it with exactly the same command plus --resume, or start a new run without --resume."

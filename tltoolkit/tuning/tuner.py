@@ -25,7 +25,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from tltoolkit.data import prepare_data
-from tltoolkit.errors import BackboneError, DataError, RecipeError, TrackingError
+from tltoolkit.errors import BackboneError, DataError, DivergedError, RecipeError, TrackingError
 from tltoolkit.recipe import Recipe
 from tltoolkit.recipe.space import trial_recipe
 from tltoolkit.stages import SessionOptions, TrainingHooks, TrainingSession, backbone_for
@@ -142,7 +142,7 @@ class RecipeTuner(kt.engine.base_tuner.BaseTuner):
             result = self.runner.run(resolved, search.executions_per_trial, search.objective, hooks)
             if self.tracker is not None:
                 self.tracker.record(trial.trial_id, result, self.runner.folder(resolved).class_names)
-        except (RecipeError, BackboneError, DataError) as exc:
+        except (RecipeError, BackboneError, DataError, DivergedError) as exc:
             _logger.warning("Trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
             raise kt.errors.FailedTrialError(f"{type(exc).__name__}: {exc}") from exc
         except (TrackingError, MlflowException) as exc:
