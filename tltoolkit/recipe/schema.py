@@ -139,6 +139,10 @@ class AuxiliaryHeadConfig(_Section):
         return _positive_widths(value)
 
 
+def _repeated(values: list) -> list:
+    return sorted({value for value in values if values.count(value) > 1})
+
+
 def _positive_widths(value: list[int]) -> list[int]:
     if any(width < 1 for width in value):
         raise ValueError("every dense width must be a positive integer, e.g. [256, 128]")
@@ -177,8 +181,7 @@ class HeadConfig(_Section):
     @field_validator("auxiliary")
     @classmethod
     def _distinct_taps(cls, value: list[AuxiliaryHeadConfig]) -> list[AuxiliaryHeadConfig]:
-        taps = [head.at for head in value]
-        repeated = sorted({tap for tap in taps if taps.count(tap) > 1})
+        repeated = _repeated([head.at for head in value])
         if repeated:
             raise ValueError(f"two auxiliary heads tap the same layer {repeated}; give each head its own `at`")
         return value
@@ -466,8 +469,7 @@ class Recipe(_Section):
     @field_validator("stages")
     @classmethod
     def _unique_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
-        names = [stage.name for stage in stages]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        duplicates = _repeated([stage.name for stage in stages])
         if duplicates:
             raise ValueError(f"stage names must be unique, but {duplicates} repeat; rename one, e.g. `finetune2`")
         return stages
