@@ -2,7 +2,9 @@
 
 A stage fits in one of three modes, each a function of its own: through the whole classifier (`_plain`), on the
 frozen prefix's cached outputs (`_cached`, see `features.py`), or with the autoencoder's reconstruction as a second
-output (`_joint`). The modes only decide what is fitted on what; `_fit` runs the shared part.
+output (`_joint`). Auxiliary heads (`head.auxiliary`) add their outputs to the first two (`_supervised`, see
+`supervision.py`). The modes only decide what is fitted on what; `_fit` runs the shared part, stopping at a loss
+that is no longer finite.
 """
 
 from __future__ import annotations
@@ -127,8 +129,7 @@ def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
 def _supervised(training: Training, run: StageRun, fit: _Fit) -> _Fit:
     """`fit` with the auxiliary heads' targets, weights and log names (see `supervision.py`)."""
     supervision = training.supervision
-    weights = supervision.schedule
-    first = [schedule[min(run.epoch_offset, len(schedule) - 1)] for schedule in weights]
+    first = [schedule[min(run.epoch_offset, len(schedule) - 1)] for schedule in supervision.schedule]
     heads = ", ".join(
         f"{name} on `{tap}` weight {w:g}" for name, tap, w in zip(supervision.names, supervision.taps, first)
     )
@@ -172,11 +173,11 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     if run.resume is not None:
         fit.model.optimizer.build(fit.model.trainable_variables)
         restore_variables(fit.model.optimizer.variables, run.resume.optimizer, "optimizer", run.resume.path)
-        optimizer = fit.model.optimizer
-        if not isinstance(optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = fit.model.optimizer.learning_rate
+        if isinstance(rate, keras.Variable):
             # A constant rate is one of the optimizer's variables: the recipe's value wins (the same one, unless the
             # run is resumed with a changed rate after its loss diverged). A schedule is rebuilt from the recipe.
-            optimizer.learning_rate.assign(run.stage.optimizer.learning_rate)
+            rate.assign(run.stage.optimizer.learning_rate)
     rows: list[dict] = [dict(row) for row in run.resume.rows] if run.resume else []
     stopper = _early_stopping(run)
     diverged = StopOnNonFiniteLoss(run.stage.name, run.stream)
