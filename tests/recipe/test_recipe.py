@@ -227,3 +227,17 @@ def _flow_bomb() -> str:
     for i in range(1, 9):
         text += f", &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
     return text + "]"
+
+
+def test_run_checks_only_the_shape_of_the_search_section_it_ignores(tmp_path):
+    import tltoolkit
+    from tltoolkit.errors import DataError
+
+    recipe = {"search": {"space": {"head.no_such_field": [1, 2]}}}
+    with pytest.raises(RecipeError, match="head.no_such_field"):
+        load_recipe(recipe)  # What `tune` loads: every path must exist.
+    assert load_recipe(recipe, check_search=False).search.space["head.no_such_field"].values == [1, 2]
+    with pytest.raises(RecipeError, match="search.space"):
+        load_recipe({"search": {"tuner": "random"}}, check_search=False)  # The shape still counts.
+    with pytest.raises(DataError, match="does not exist"):  # Past the recipe: `run` did not check the space.
+        tltoolkit.run(recipe, tmp_path / "no-such-folder")

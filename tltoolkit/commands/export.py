@@ -130,7 +130,7 @@ def _images(loaded, data, count: int) -> tuple[dict, list[str]]:
     from tltoolkit.data import labelled_images, prepare_data
     from tltoolkit.recipe import load_recipe
 
-    recipe = load_recipe(yaml.safe_load(loaded.recipe_yaml)) if loaded.recipe_yaml else None
+    recipe = load_recipe(yaml.safe_load(loaded.recipe_yaml), check_search=False) if loaded.recipe_yaml else None
     folder_path = data or (recipe.data.dir if recipe else None)
     if not folder_path:
         raise ExportError(

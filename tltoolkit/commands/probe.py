@@ -48,7 +48,7 @@ def probe(
         log: Log an MLflow run (`tltoolkit.kind=probe`): metrics by depth, the suggestion, table and plot under
             `probe/`. Defaults to `True`.
     """
-    recipe = as_recipe(recipe, overrides)
+    recipe = as_recipe(recipe, overrides, check_search=False)
     if recipe.pretrain is not None:
         raise RecipeError(
             "This recipe pretrains an autoencoder, whose encoder only exists after its pretraining: the probe measures "

@@ -75,7 +75,7 @@ def run(
         ResumeError: Nothing to resume, or the recipe or data changed since the checkpoint.
     """
     source, overrides = recipe, list(overrides)
-    recipe = as_recipe(recipe, overrides)
+    recipe = as_recipe(recipe, overrides, check_search=False)  # `run` ignores the search section.
     data_dir = data or recipe.data.dir
     if not data_dir:
         raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")

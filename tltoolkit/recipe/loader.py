@@ -16,13 +16,15 @@ from tltoolkit.errors import RecipeError
 from tltoolkit.recipe.schema import Recipe, StageConfig
 
 
-def load_recipe(source: str | Path | dict, overrides: Iterable[str] = ()) -> Recipe:
+def load_recipe(source: str | Path | dict, overrides: Iterable[str] = (), check_search: bool = True) -> Recipe:
     """Loads, overrides and validates a recipe.
 
     Args:
         source: A YAML file path, or the recipe as a dict (tests, tuning).
         overrides: `dotted.path=value` strings; values are parsed as YAML (`5`, `1e-5`, `[256, 128]`, `null`).
             List items are addressed by index: `stages.1.optimizer.learning_rate=1e-5`.
+        check_search: Also check that every `search.space` path and value fits the recipe (what `tune` needs);
+            `False` checks the section's shape only (`run`, which ignores it).
 
     Returns:
         The validated, frozen `Recipe`, every default filled in.
@@ -56,7 +58,7 @@ def load_recipe(source: str | Path | dict, overrides: Iterable[str] = ()) -> Rec
         origins[".".join(keys)] = override
 
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={"check_search": check_search})
     except ValidationError as exc:
         raise RecipeError(_describe(exc, label, text, origins)) from None
 
@@ -290,8 +292,9 @@ def with_data(recipe: Recipe, data_dir, unlabeled=None) -> Recipe:
     return recipe.model_copy(update={"data": recipe.data.model_copy(update=data)})
 
 
-def as_recipe(recipe: Recipe | str | Path | dict, overrides: Iterable[str]) -> Recipe:
-    """A `Recipe` from a file, dict or `Recipe`, with `--set` overrides applied before validation."""
+def as_recipe(recipe: Recipe | str | Path | dict, overrides: Iterable[str], check_search: bool = True) -> Recipe:
+    """A `Recipe` from a file, dict or `Recipe`, with `--set` overrides applied before validation (`check_search`:
+    see `load_recipe`)."""
     if isinstance(recipe, Recipe):
-        return load_recipe(recipe.to_dict(), overrides) if overrides else recipe
-    return load_recipe(recipe, overrides)
+        return load_recipe(recipe.to_dict(), overrides, check_search) if overrides else recipe
+    return load_recipe(recipe, overrides, check_search)

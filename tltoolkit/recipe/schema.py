@@ -10,7 +10,7 @@ import re
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tltoolkit.backbones.registry import check_backbone_name
 
@@ -505,8 +505,8 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _search_paths_exist(self) -> Recipe:
-        if self.search is not None:
+    def _search_paths_exist(self, info: ValidationInfo) -> Recipe:
+        if self.search is not None and (info.context or {}).get("check_search", True):
             from tltoolkit.recipe.space import check_space
 
             check_space(self)
