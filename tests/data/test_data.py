@@ -284,3 +284,23 @@ def test_links_cannot_falsify_a_dataset(tmp_path):
     # Everything on disk is accounted for: each entry of the tree is used or reported.
     entries = [p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()]
     assert len(used) + len(folder.skipped) == len(entries)
+
+
+def test_epoch_streams_are_set_up_lazily_and_any_epoch_starts_where_it_would_be():
+    import time
+
+    import tensorflow as tf
+
+    from tltoolkit.data.pipeline import epoch_stream
+
+    examples = tf.data.Dataset.range(10)
+    started = time.perf_counter()
+    long = epoch_stream(examples, 10, batch_size=4, seed=3, stream=1, first_epoch=0, last_epoch=3000)
+    assert time.perf_counter() - started < 2.0, "3,000 epochs cost what one does to set up (eagerly: minutes)"
+    batches = [list(b) for b in long.take(9).as_numpy_iterator()]  # Three epochs of 4 + 4 + 2.
+    assert [len(b) for b in batches] == [4, 4, 2] * 3 and sorted(sum(batches[:3], [])) == list(range(10))
+    assert batches[:3] != batches[3:6], "each epoch its own order"
+    later = epoch_stream(examples, 10, batch_size=4, seed=3, stream=1, first_epoch=2, last_epoch=3)
+    assert [list(b) for b in later.as_numpy_iterator()] == batches[6:9], "epoch 2 alone, as in the long stream"
+    other = epoch_stream(examples, 10, batch_size=4, seed=3, stream=2, first_epoch=0, last_epoch=1)
+    assert [list(b) for b in other.as_numpy_iterator()] != batches[:3], "another stage, another order"

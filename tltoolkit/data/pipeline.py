@@ -63,19 +63,21 @@ def epoch_stream(examples: tf.data.Dataset, size: int, batch_size: int, seed: in
         last_epoch: One past the last epoch.
     """
     base = (seed * 1_000_003 + stream * 10_007) % 2**31
-    # `shuffle` takes its seed as a Python value, so each epoch is its own dataset (they share `examples` and its
-    # cache); `choose_from_datasets` strings them together without nesting.
-    epochs = [
-        examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False).batch(batch_size)
-        for epoch in range(first_epoch, last_epoch)
-    ]
-    if not epochs:
+    if last_epoch <= first_epoch:
         return examples.batch(batch_size).take(0)
-    if len(epochs) == 1:
-        return epochs[0]
-    steps = steps_per_epoch(size, batch_size)
-    choice = tf.data.Dataset.range(len(epochs)).flat_map(lambda i: tf.data.Dataset.from_tensors(i).repeat(steps))
-    return tf.data.Dataset.choose_from_datasets(epochs, choice)
+
+    def one_epoch(epoch):
+        # The function's own graph-level seed, so the order depends on (seed, stream, epoch) alone, not on the
+        # process's global seed (and a global seed of 0 cannot meet TensorFlow's Python check of a tensor seed).
+        tf.random.set_seed(_STREAM_GRAPH_SEED)
+        return examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False).batch(batch_size)
+
+    # Each epoch is its own shuffle of `examples` (sharing its cache), made lazily as the stream reaches it: setting
+    # up 100,000 epochs costs what one does.
+    return tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch)
+
+
+_STREAM_GRAPH_SEED = 20_240_917
 
 
 def steps_per_epoch(size: int, batch_size: int) -> int:
