@@ -180,3 +180,74 @@ def test_class_names_are_data_not_markup(tmp_path):
     logged = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
     assert "evaluation/val_confusion_matrix.png" in logged
     assert len(client.list_artifacts(result.run_id, "interpretation/gradcam")) == 2
+
+
+def unreachable_while(outage):
+    """`MlflowClient.log_batch` as a server that is down while `outage()` says so."""
+    from mlflow.exceptions import MlflowException
+
+    original = MlflowClient.log_batch
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        if outage():
+            raise MlflowException(
+                "API request to http://tracking:5000/api/2.0/mlflow/runs/log-batch failed: "
+                "Max retries exceeded (Connection refused)"
+            )
+        return original(self, run_id, metrics, params, tags, **kwargs)
+
+    return log_batch
+
+
+def steps(client, run_id, key="loss"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_a_tracking_outage_during_training_is_ridden_out_and_each_epoch_logged_once(image_folder, monkeypatch, caplog):
+    from tltoolkit.tracking.runs import RunTracker
+
+    epochs = []
+    original_end = RunTracker.on_epoch_end
+
+    def counting(self, stage, epoch, logs):
+        epochs.append((stage.name, epoch))
+        original_end(self, stage, epoch, logs)
+
+    monkeypatch.setattr(RunTracker, "on_epoch_end", counting)
+    # Down while the head's epochs 1 and 2 end; back for epoch 3.
+    monkeypatch.setattr(
+        MlflowClient, "log_batch", unreachable_while(lambda: epochs[-1:] in ([("head", 1)], [("head", 2)]))
+    )
+    recipe = tiny_recipe(stages=[{"name": "head", "epochs": 4, "optimizer": {"learning_rate": 1e-2}}])
+    result = tltoolkit.run(recipe, image_folder, verbose=0)
+    client = MlflowClient()
+    assert steps(client, result.stage_runs["head"]) == [0, 1, 2, 3], "each epoch once, the missed ones sent later"
+    assert steps(client, result.run_id) == [0, 1, 2, 3]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert "does not answer" in caplog.text and "answers again" in caplog.text
+
+
+def test_a_tracking_outage_past_the_patience_stops_with_one_error_and_resumes(image_folder, monkeypatch):
+    from tltoolkit.tracking.runs import RunTracker
+
+    monkeypatch.setenv("TLTOOLKIT_TRACKING_PATIENCE_S", "0")
+    down = []
+    original_end = RunTracker.on_epoch_end
+
+    def going_down(self, stage, epoch, logs):
+        if epoch == 1:
+            down.append(True)  # The server goes away as the head's second epoch ends, for good.
+        original_end(self, stage, epoch, logs)
+
+    original_log = MlflowClient.log_batch
+    monkeypatch.setattr(RunTracker, "on_epoch_end", going_down)
+    monkeypatch.setattr(MlflowClient, "log_batch", unreachable_while(lambda: bool(down)))
+    recipe = tiny_recipe(stages=[{"name": "head", "epochs": 3, "optimizer": {"learning_rate": 1e-2}}])
+    with pytest.raises(TrackingError, match="has not answered for 0 s .*--resume") as raised:
+        tltoolkit.run(recipe, image_folder, verbose=0)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__, "one message, no chained traceback"
+
+    monkeypatch.setattr(RunTracker, "on_epoch_end", original_end)  # The server is back.
+    monkeypatch.setattr(MlflowClient, "log_batch", original_log)
+    result = tltoolkit.run(recipe, image_folder, verbose=0, resume=True)
+    assert steps(MlflowClient(), result.stage_runs["head"]) == [0, 1, 2], "epoch 1 from the checkpoint, once"

@@ -30,6 +30,7 @@ from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors, samples
 from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, SessionResult, StageOutcome, TrainingSession
 from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
+from tltoolkit.tracking.outage import EpochSender, unreachable
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
 from tltoolkit.tracking.processes import PROCESS_TAG, is_alive, process_tag
 from tltoolkit.tracking.reports import (
@@ -87,6 +88,9 @@ class RunTracker(TrainingHooks):
         self.recipe, self.folder, self.key = session.recipe, session.folder, key
         self.parent_id, self.child_id = parent_id, None
         self.resumed = parent_id is not None
+        self.sender = EpochSender(
+            lambda run_id, metrics: client.log_batch(run_id, metrics=metrics), client.tracking_uri
+        )
         dataset = self.folder.root.resolve().name
         self.tags = {
             "tltoolkit.recipe": self.recipe.name or "recipe",
@@ -251,12 +255,13 @@ class RunTracker(TrainingHooks):
         global step (the head's epochs, then fine-tune's after them), so the parent's chart is the whole training."""
         now, step = int(time.time() * 1000), global_step(stage, epoch)
         if self.child_id in runs:
-            self.client.log_batch(self.child_id, metrics=[Metric(k, v, now, step) for k, v in sorted(logs.items())])
+            self.sender.add(self.child_id, [Metric(k, v, now, step) for k, v in sorted(logs.items())])
         if stage.kind == CLASSIFIER and self.parent_id in runs:
-            curve = [Metric(k, logs[k], now, step) for k in CURVE_KEYS if k in logs]
-            self.client.log_batch(self.parent_id, metrics=curve)
+            self.sender.add(self.parent_id, [Metric(k, logs[k], now, step) for k in CURVE_KEYS if k in logs])
+        self.sender.flush()  # A store that does not answer keeps them for later (see `EpochSender`).
 
     def on_stage_end(self, session, stage: PlannedStage, outcome: StageOutcome):
+        self.sender.flush(wait=True)
         if stage.kind == PRETRAIN:
             self._end_pretrain(outcome)
         else:
@@ -432,13 +437,19 @@ class RunTracker(TrainingHooks):
         self.fail(error)
 
     def fail(self, error: BaseException) -> None:
-        """Marks the open runs KILLED (Ctrl-C, SIGTERM) or FAILED and ends the parent."""
+        """Marks the open runs KILLED (Ctrl-C, SIGTERM) or FAILED and ends the parent; a store that does not answer
+        leaves them as they are (the next `run` or `--resume` on this host tidies them)."""
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        for run_id in (self.child_id, self.parent_id):
-            if run_id:
-                self.client.set_terminated(run_id, status)
-        if mlflow.active_run() is not None:
-            mlflow.end_run(status)
+        try:
+            for run_id in (self.child_id, self.parent_id):
+                if run_id:
+                    self.client.set_terminated(run_id, status)
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            _logger.warning("Could not mark the runs %s: the tracking store does not answer.", status)
 
 
 def _refuse_live_owner(run) -> None:
