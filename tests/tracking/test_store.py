@@ -114,3 +114,21 @@ def test_another_mlflow_client_creating_the_store_at_the_same_moment_is_waited_f
     experiment_id = connect(uri, "race")
     assert other.wait(timeout=120) == 0
     assert experiment_id == connect(uri, "race")
+
+
+def test_checkpoints_of_runs_on_a_server_live_in_one_fixed_place(tmp_path, monkeypatch):
+    from tltoolkit.tracking.store import checkpoint_root
+
+    assert checkpoint_root(f"sqlite:///{tmp_path}/m/mlflow.db") == tmp_path / "m" / "checkpoints"
+    monkeypatch.delenv("TLTOOLKIT_CHECKPOINT_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    first = checkpoint_root("http://tracking.example:5000")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # Wherever the command runs.
+    assert (
+        checkpoint_root("http://tracking.example:5000")
+        == first
+        == tmp_path / "data" / "tltoolkit" / "checkpoints" / "tracking.example_5000"
+    )
+    monkeypatch.setenv("TLTOOLKIT_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    assert checkpoint_root("https://team/mlflow") == tmp_path / "ckpt" / "team"

@@ -52,7 +52,7 @@ def run(
 
     Every epoch ends with a checkpoint (see `CheckpointStore`: model, optimizer, early stopping, the epoch's logs),
     written before the epoch's metrics reach MLflow, in `<store folder>/checkpoints/<run id>/` for a SQLite store
-    (`./checkpoints/<run id>/` otherwise) and removed when the run finishes. SIGINT (Ctrl-C) or SIGTERM marks the
+    (for a server see `checkpoint_root`) and removed when the run finishes. SIGINT (Ctrl-C) or SIGTERM marks the
     runs KILLED and keeps the checkpoint; `resume` continues the same MLflow runs from it.
 
     Args:

@@ -57,10 +57,18 @@ def require_existing_store(uri: str) -> None:
 
 
 def checkpoint_root(uri: str) -> Path:
-    """Where runs keep their checkpoints: beside a SQLite store (`mlruns/checkpoints`), else `./checkpoints`."""
+    """Where runs keep their checkpoints: beside a SQLite store (`mlruns/checkpoints`); for any other store (a
+    server) in one fixed place whatever the working directory, a folder per store: `$TLTOOLKIT_CHECKPOINT_DIR`, else
+    `$XDG_DATA_HOME/tltoolkit/checkpoints`, else `~/.local/share/tltoolkit/checkpoints`, then `<host>_<port>`."""
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).parent / "checkpoints"
-    return Path("checkpoints").resolve()
+    root = os.environ.get("TLTOOLKIT_CHECKPOINT_DIR")
+    if not root:
+        data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        root = Path(data_home) / "tltoolkit" / "checkpoints"
+    parsed = urlparse(uri)
+    store = "".join(c if c.isalnum() or c in "-." else "_" for c in (parsed.netloc or parsed.path or uri))
+    return Path(root).expanduser().resolve() / store
 
 
 @contextlib.contextmanager
