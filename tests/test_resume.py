@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,24 @@ def test_a_diverging_loss_stops_keeps_the_last_finite_checkpoint_and_resumes_wit
     assert params["stages.1.optimizer.learning_rate"] == "10.0", "what it started with stays"
     assert params["resumed.stages.1.optimizer.learning_rate"] == "0.001"
     assert client.get_run(finetune.info.run_id).data.params["resumed.optimizer.learning_rate"] == "0.001"
+
+
+def test_an_image_that_vanishes_mid_training_is_one_clear_error_with_the_checkpoint_kept(image_folder, monkeypatch):
+    from tltoolkit.errors import DataError
+    from tltoolkit.tracking.runs import RunTracker
+
+    original = RunTracker.on_epoch_end
+    victim = image_folder / "green" / "green_3.png"
+
+    def deleting(self, stage, epoch, logs):
+        original(self, stage, epoch, logs)
+        victim.unlink(missing_ok=True)  # Gone after the scan and the first epoch (nothing is cached in memory).
+
+    monkeypatch.setattr(RunTracker, "on_epoch_end", deleting)
+    recipe = tiny_recipe(data={**tiny_recipe()["data"], "cache": False, "feature_cache": False})
+    with pytest.raises(DataError, match=r"became unreadable .*FileNotFoundError.*green_3\.png.*--resume"):
+        tltoolkit.run(recipe, image_folder, verbose=0)
+    client = MlflowClient()
+    (parent,) = [r for r in all_runs(client) if r.data.tags.get("tltoolkit.kind") == "run"]
+    assert parent.info.status == "FAILED"
+    assert any(Path(parent.data.tags["tltoolkit.checkpoints"]).iterdir()), "the first epoch's checkpoint is kept"

@@ -64,6 +64,8 @@ def read_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise UnreadableImage(f"decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image Pillow can identify (wrong extension, text or HTML?)") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise UnreadableImage(f"cannot be opened ({type(exc).__name__}: {exc.strerror}): {exc.filename}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"corrupt or truncated image: {exc}") from None
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
 
 from tltoolkit.data.images import load_image_array
 from tltoolkit.data.split import Item
+from tltoolkit.errors import DataError
 from tltoolkit.recipe import AugmentConfig, DataConfig
 
 
@@ -41,6 +44,26 @@ def _decode(size: int, resize: str, interpolation: str):
         return image
 
     return load
+
+
+_UNREADABLE = re.compile(r"(FileNotFoundError|PermissionError|IsADirectoryError|UnreadableImage)[^:\n]*: ([^\n]*)")
+
+
+@contextlib.contextmanager
+def readable_images():
+    """Turns an image that became unreadable after the folder was scanned (deleted, moved, its permissions changed)
+    into one `DataError` naming it, instead of TensorFlow's traceback from inside the input pipeline."""
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        found = _UNREADABLE.search(exc.message or "")
+        if found is None:
+            raise
+        raise DataError(
+            f"An image became unreadable after the folder was scanned ({found.group(1)}: {found.group(2)[:300]}). "
+            "Restore it and resume with --resume (the last finished epoch is checkpointed), or start a new run "
+            "without --resume to train on the folder as it is now."
+        ) from None
 
 
 def epoch_stream(examples: tf.data.Dataset, size: int, batch_size: int, seed: int, stream: int = 0,

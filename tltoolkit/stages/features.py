@@ -215,14 +215,15 @@ class FeatureSource:
 
 def extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
     """Runs `extractor` over `items` in file order (compiled, as `predict`), with progress; one array per cut tensor."""
-    from tltoolkit.data.pipeline import image_dataset
+    from tltoolkit.data.pipeline import image_dataset, readable_images
 
     ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
     if verbose:
         _logger.info("Computing the frozen layers' outputs for %s (once)...", what)
     tty = bool(verbose) and sys.stdout.isatty()
     progress = [] if tty or not verbose else [_Progress(len(items), data.batch_size)]
-    outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)
+    with readable_images():
+        outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)
     return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
 
 

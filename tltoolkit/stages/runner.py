@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from tltoolkit.data.pipeline import readable_images
 from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
 from tltoolkit.model.metrics import TOP_K
 from tltoolkit.recipe import Recipe, StageConfig
@@ -185,17 +186,18 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     if run.checkpoints is not None:
         callbacks.append(CheckpointCallback(run.checkpoints, training.checkpoint_model, run.state, rows, stopper))
     _describe(training, run, summary, fit.note)
-    fit.model.fit(
-        fit.train,
-        validation_data=fit.val,
-        epochs=last,
-        initial_epoch=first,
-        steps_per_epoch=fit.steps,
-        class_weight=fit.class_weight,
-        callbacks=[*callbacks, *run.callbacks],
-        shuffle=False,  # The stream's order.
-        verbose=fit_verbosity(run.verbose),
-    )
+    with readable_images():
+        fit.model.fit(
+            fit.train,
+            validation_data=fit.val,
+            epochs=last,
+            initial_epoch=first,
+            steps_per_epoch=fit.steps,
+            class_weight=fit.class_weight,
+            callbacks=[*callbacks, *run.callbacks],
+            shuffle=False,  # The stream's order.
+            verbose=fit_verbosity(run.verbose),
+        )
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
     return ClassifierOutcome(history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data)
