@@ -105,3 +105,25 @@ def test_a_wrong_reference_fails_before_tensorflow_loads(tmp_path):
         env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
     ).stdout.split()
     assert out == ["ModelLoadError", "False"], out
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda text: text + "\n  : [unclosed", "is damaged"),
+        (lambda text: "just a string\n", "not a YAML mapping"),
+        (lambda text: text.replace("resize: squash", "resize: sideways"), "resize='sideways' is none of"),
+    ],
+)
+def test_a_tampered_mlmodel_is_one_clear_error(store, tmp_path, damage, message):
+    import shutil
+
+    result, _, _, root = store
+    folder = tmp_path / "model"
+    shutil.copytree(mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "dl")), folder)
+    mlmodel = folder / "MLmodel"
+    assert "resize: squash" in mlmodel.read_text()
+    mlmodel.write_text(damage(mlmodel.read_text()))
+    with pytest.raises(ModelLoadError, match=message) as raised:
+        load_classifier(folder)
+    assert str(mlmodel) in str(raised.value) and raised.value.__cause__ is None

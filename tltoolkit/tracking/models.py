@@ -413,6 +413,23 @@ def _load_export(path: Path, text: str) -> LoadedClassifier | None:
 
 
 def _mlmodel_metadata(mlmodel: Path) -> dict:
+    """The `metadata` of an MLmodel file; a damaged or edited one is a `ModelLoadError` naming it."""
     import yaml
 
-    return (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    try:
+        content = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+        if not isinstance(content, dict):
+            raise ValueError("it is not a YAML mapping")
+        meta = content.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("its `metadata` is not a mapping")
+        for key, allowed in (("resize", ("squash", "crop", "pad")), ("interpolation", ("antialiased", "bilinear"))):
+            if key in meta and meta[key] not in allowed:
+                raise ValueError(f"metadata {key}={meta[key]!r} is none of {', '.join(allowed)}")
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"{mlmodel} is damaged ({first}); it is the model's description, written by MLflow. Log the model again "
+            "(or pass its .keras file)."
+        ) from None
+    return meta
