@@ -262,6 +262,36 @@ def test_a_run_whose_process_is_alive_is_not_resumed_twice(image_folder, monkeyp
     assert result.run_id == run.info.run_id, "once its process is gone, the run resumes"
 
 
+def test_a_run_trained_on_another_host_is_not_resumed_while_its_lease_is_fresh(image_folder, monkeypatch):
+    import json
+    import time
+
+    from tltoolkit.tracking.processes import LEASE_FILE, PROCESS_TAG, heartbeat
+
+    recipe = resumable_recipe()
+    _interrupted_after_epoch_1(recipe, image_folder, monkeypatch)
+    client = MlflowClient()
+    (run,) = client.search_runs(["1"], "tags.`tltoolkit.kind` = 'run'")
+    folder = Path(run.data.tags["tltoolkit.checkpoints"])
+    assert not (folder / LEASE_FILE).exists(), "the interrupted process gave its lease up"
+
+    client.set_tag(run.info.run_id, PROCESS_TAG, "gpu-box-7:4242:99")  # Its pid cannot be checked from here...
+    lease = {"owner": "gpu-box-7:4242:99", "heartbeat": time.time() - 30}  # ... its lease says it is alive.
+    (folder / LEASE_FILE).write_text(json.dumps(lease))
+    with pytest.raises(ResumeError, match=r"process 4242 on gpu-box-7 \(its lease was renewed 3\d s ago\).*wait"):
+        tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+
+    (folder / LEASE_FILE).write_text(json.dumps({**lease, "heartbeat": time.time() - 600}))  # That host died.
+    result = tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    assert result.run_id == run.info.run_id
+
+    with heartbeat(folder, interval=0.05):  # While a run trains, its lease is renewed.
+        first = json.loads((folder / LEASE_FILE).read_text())["heartbeat"]
+        time.sleep(0.3)
+        assert json.loads((folder / LEASE_FILE).read_text())["heartbeat"] > first
+    assert not (folder / LEASE_FILE).exists()
+
+
 def test_a_diverging_loss_stops_keeps_the_last_finite_checkpoint_and_resumes_with_a_smaller_rate(
     image_folder, monkeypatch
 ):

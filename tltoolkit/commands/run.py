@@ -190,6 +190,7 @@ def _learning_rates_changed(recipe: Recipe, data_dir):
 def _train(client, experiment_id: str, uri: str, session, key: str, point, overrides=()) -> RunResult:
     """Runs (or resumes) the session under a `RunTracker`; the checkpoint is removed once all is logged."""
     from tltoolkit.stages.checkpoint import CheckpointStore, TrainingState
+    from tltoolkit.tracking.processes import heartbeat
     from tltoolkit.tracking.runs import RunTracker
 
     tracker = RunTracker(client, experiment_id, session, key, point.parent_id if point else None, overrides)
@@ -202,7 +203,8 @@ def _train(client, experiment_id: str, uri: str, session, key: str, point, overr
             store = CheckpointStore(checkpoint_root(uri) / parent_id)
             tracker.tag_checkpoints(store.folder)
         digest = point.checkpoint.state.data if point else _data_digest(session.folder)
-        result = session.run(tracker, store, TrainingState(key, digest), point.checkpoint if point else None)
+        with heartbeat(store.folder):  # The lease other hosts check before resuming this run.
+            result = session.run(tracker, store, TrainingState(key, digest), point.checkpoint if point else None)
     except BaseException as exc:
         tracker.fail(exc)
         if tracker.parent_id and store is not None and store.paths():

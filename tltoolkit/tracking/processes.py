@@ -3,14 +3,20 @@
 Every run tltoolkit starts is tagged `tltoolkit.process` = `host:pid:start`, where `start` is the process's start
 time as the kernel counts it (so a pid reused by a later process is not mistaken for the owner). When the toolkit
 next connects to the store, RUNNING runs tagged with this host whose process is gone are marked KILLED. Runs of other
-hosts are left alone: from here their liveness cannot be known.
+hosts are left alone: from here their pid cannot be checked; their lease (a heartbeat file in the run's checkpoint
+folder, see `heartbeat`) says whether they still train.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
+import threading
+import time
+from pathlib import Path
 
 _logger = logging.getLogger(__name__)
 
@@ -76,3 +82,54 @@ def mark_dead_runs_killed(client, keep: set[str] = frozenset()) -> list[str]:
             "Marked %d run(s) KILLED whose process had died: %s.", len(killed), ", ".join(r[:8] for r in killed)
         )
     return killed
+
+
+# A run's lease: its process rewrites `lease.json` in the run's checkpoint folder every LEASE_BEAT_S seconds while it
+# trains, so a process on another host (which cannot see the owner's pid) can tell a live run from a dead one.
+LEASE_FILE = "lease.json"
+LEASE_BEAT_S = 20.0
+
+
+def lease_timeout_s() -> float:
+    """How old a lease may be and still mean a live owner: TLTOOLKIT_LEASE_TIMEOUT_S, default 90 s (4 beats)."""
+    return float(os.environ.get("TLTOOLKIT_LEASE_TIMEOUT_S", 90))
+
+
+@contextlib.contextmanager
+def heartbeat(folder: Path, interval: float = LEASE_BEAT_S):
+    """Holds the lease in `folder` while the block runs: written now and every `interval` seconds by a daemon
+    thread (atomically), dropped at the end."""
+    path, stop = Path(folder) / LEASE_FILE, threading.Event()
+
+    def beat() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{LEASE_FILE}.{os.getpid()}")
+            temporary.write_text(json.dumps({"owner": process_tag(), "heartbeat": time.time()}))
+            os.replace(temporary, path)
+        except OSError as exc:  # A full disk must not stop training; the lease just ages.
+            _logger.debug("Could not renew the lease in %s: %s", folder, exc)
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            beat()
+
+    beat()
+    thread = threading.Thread(target=loop, name="tltoolkit-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        path.unlink(missing_ok=True)
+
+
+def live_lease(folder: Path) -> tuple[str, float] | None:
+    """`(owner, seconds since its last beat)` when the lease in `folder` is younger than `lease_timeout_s()`."""
+    try:
+        lease = json.loads((Path(folder) / LEASE_FILE).read_text())
+        owner, age = str(lease["owner"]), time.time() - float(lease["heartbeat"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (owner, age) if age < lease_timeout_s() else None

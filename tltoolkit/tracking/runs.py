@@ -32,7 +32,7 @@ from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, Session
 from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
 from tltoolkit.tracking.outage import EpochSender, unreachable
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
-from tltoolkit.tracking.processes import PROCESS_TAG, is_alive, process_tag
+from tltoolkit.tracking.processes import PROCESS_TAG, is_alive, lease_timeout_s, live_lease, process_tag
 from tltoolkit.tracking.reports import (
     log_calibration,
     log_curves,
@@ -452,16 +452,28 @@ class RunTracker(TrainingHooks):
             _logger.warning("Could not mark the runs %s: the tracking store does not answer.", status)
 
 
-def _refuse_live_owner(run) -> None:
-    """A run whose process still trains it (same host: its process tag names a live process) is not resumed twice."""
+def _refuse_live_owner(run, folder: Path) -> None:
+    """A run whose process still trains it is not resumed twice: on this host its process tag names a live process;
+    on another, its lease in the checkpoint `folder` was renewed less than `lease_timeout_s()` ago."""
     owner = run.data.tags.get(PROCESS_TAG, "")
-    if owner and owner != process_tag() and is_alive(owner):
-        host, _, rest = owner.partition(":")
-        pid = rest.partition(":")[0]
-        raise ResumeError(
-            f"Run {run.info.run_id} is still being trained by process {pid} on {host}; resuming it too would make two "
-            f"processes write one run. Let it finish, or stop it (kill {pid}) and resume then."
-        )
+    if not owner or owner == process_tag():
+        return
+    alive = is_alive(owner)
+    lease = live_lease(folder) if alive is None else None
+    if not alive and lease is None:
+        return
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    beat = f" (its lease was renewed {lease[1]:.0f} s ago)" if lease else ""
+    wait = (
+        f", or if {host} is gone, wait {lease_timeout_s() - lease[1]:.0f} s for its lease to expire"
+        if lease
+        else f", or stop it (kill {pid})"
+    )
+    raise ResumeError(
+        f"Run {run.info.run_id} is still being trained by process {pid} on {host}{beat}; resuming it too would make "
+        f"two processes write one run. Let it finish{wait}, and resume then."
+    )
 
 
 @dataclass
@@ -515,7 +527,7 @@ def find_resume_point(
         point = _checkpointed(candidate, uri, explicit=isinstance(resume, str))
         if point is None:
             continue
-        _refuse_live_owner(candidate)
+        _refuse_live_owner(candidate, point.store.folder)
         if point.checkpoint.state.key != key and not (compatible and compatible(candidate)):
             raise ResumeError(
                 f"Run {point.parent_id} was started with a different recipe (or --set overrides) or data folder; "
