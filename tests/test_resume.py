@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -353,3 +354,24 @@ def test_an_image_that_vanishes_mid_training_is_one_clear_error_with_the_checkpo
     (parent,) = [r for r in all_runs(client) if r.data.tags.get("tltoolkit.kind") == "run"]
     assert parent.info.status == "FAILED"
     assert any(Path(parent.data.tags["tltoolkit.checkpoints"]).iterdir()), "the first epoch's checkpoint is kept"
+
+
+def test_a_kill_while_the_model_is_logged_leaves_one_model_after_resuming(image_folder, monkeypatch):
+    import tltoolkit.tracking.runs as runs
+
+    def killed_while_logging(*args, **kwargs):
+        run = mlflow.active_run()
+        MlflowClient().create_logged_model(run.info.experiment_id, name="half", source_run_id=run.info.run_id)
+        raise KeyboardInterrupt  # The model's files were being uploaded.
+
+    original = runs.log_classifier
+    monkeypatch.setattr(runs, "log_classifier", killed_while_logging)
+    recipe = resumable_recipe()
+    with pytest.raises(KeyboardInterrupt):
+        tltoolkit.run(recipe, image_folder, verbose=0)
+    monkeypatch.setattr(runs, "log_classifier", original)
+    result = tltoolkit.run(recipe, image_folder, resume=True, verbose=0)
+    client = MlflowClient()
+    models = client.search_logged_models(["1"], filter_string=f"source_run_id = '{result.run_id}'")
+    assert [str(m.status) for m in models] == ["READY"], "the half-logged one is gone"
+    assert load_classifier(result.run_id).class_names == ["blue", "green", "red"]

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModelStatus, Metric, Param
 
 from tltoolkit.backbones.encoder import architecture_of, save_encoder
 from tltoolkit.errors import ResumeError
@@ -381,6 +381,8 @@ class RunTracker(TrainingHooks):
         client.set_tag(parent_id, "mlflow.note.content", self._description(result))
         anomaly = self._final_autoencoder(result) if self.session.pretraining is not None else None
         if self.recipe.tracking.log_model:
+            if self.resumed:
+                self._drop_unfinished_models()
             _logger.info("Logging the model to MLflow...")
             name = model_name_for(self.run_name)  # Says whose it is in the UI's model lists.
             client.set_tag(parent_id, MODEL_TAG, name)
@@ -394,6 +396,17 @@ class RunTracker(TrainingHooks):
                 name,
             )
         mlflow.end_run()
+
+    def _drop_unfinished_models(self) -> None:
+        """Deletes models this run began to log but never finished (the process was killed while logging), so a
+        resumed run leaves one model, not a PENDING orphan beside it."""
+        found = self.client.search_logged_models(
+            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.parent_id}'"
+        )
+        for model in found:
+            if model.status == LoggedModelStatus.PENDING:
+                _logger.info("Deleting model %s, left unfinished when the run was stopped.", model.model_id)
+                self.client.delete_logged_model(model.model_id)
 
     def _log_interpretation(self, val) -> None:
         """Most confused classes, top losses and Grad-CAM of the final model on the val split."""
