@@ -374,4 +374,5 @@ def test_a_kill_while_the_model_is_logged_leaves_one_model_after_resuming(image_
     client = MlflowClient()
     models = client.search_logged_models(["1"], filter_string=f"source_run_id = '{result.run_id}'")
     assert [str(m.status) for m in models] == ["READY"], "the half-logged one is gone"
+    assert len(client.get_metric_history(result.run_id, "val_ece")) == 1, "the final scores logged once"
     assert load_classifier(result.run_id).class_names == ["blue", "green", "red"]

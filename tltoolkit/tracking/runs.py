@@ -48,6 +48,7 @@ _logger = logging.getLogger(__name__)
 
 
 # What the parent run logs per epoch, at the global step: the whole training as one curve in the MLflow UI.
+_FINAL_TAG = "tltoolkit.final_scores"
 CURVE_KEYS = ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate")
 
 
@@ -370,12 +371,15 @@ class RunTracker(TrainingHooks):
             for e in history.loc[history.stage == s.name, "epoch"]
         ]
         last = max(steps, default=0)  # The final scores sit at the last epoch's step: the run's latest values.
-        for part, evaluation in result.evaluations.items():
-            log_evaluation(client, parent_id, evaluation, self.folder.class_names, part, step=int(last))
-        for part, evaluation in result.tta.items():
-            log_evaluation(client, parent_id, evaluation, self.folder.class_names, f"{part}_tta", step=int(last))
-        if result.calibration is not None:
-            log_calibration(client, parent_id, result.calibration, step=int(last))
+        # A run killed after logging its final scores (while logging the model, say) does not log them twice.
+        if not (self.resumed and client.get_run(parent_id).data.tags.get(_FINAL_TAG) == "logged"):
+            for part, evaluation in result.evaluations.items():
+                log_evaluation(client, parent_id, evaluation, self.folder.class_names, part, step=int(last))
+            for part, evaluation in result.tta.items():
+                log_evaluation(client, parent_id, evaluation, self.folder.class_names, f"{part}_tta", step=int(last))
+            if result.calibration is not None:
+                log_calibration(client, parent_id, result.calibration, step=int(last))
+            client.set_tag(parent_id, _FINAL_TAG, "logged")
         if self.recipe.evaluation.top_losses and "val" in result.evaluations:
             self._log_interpretation(result.evaluations["val"])
         client.set_tag(parent_id, "mlflow.note.content", self._description(result))
