@@ -251,3 +251,20 @@ def test_a_tracking_outage_past_the_patience_stops_with_one_error_and_resumes(im
     monkeypatch.setattr(MlflowClient, "log_batch", original_log)
     result = tltoolkit.run(recipe, image_folder, verbose=0, resume=True)
     assert steps(MlflowClient(), result.stage_runs["head"]) == [0, 1, 2], "epoch 1 from the checkpoint, once"
+
+
+def test_a_store_that_blinks_at_a_stage_end_is_waited_for(image_folder, monkeypatch, caplog):
+    from mlflow.exceptions import MlflowException
+
+    original, failures = MlflowClient.log_figure, []
+
+    def log_figure(self, *args, **kwargs):
+        if len(failures) < 2:  # The first two pictures meet a restarting server.
+            failures.append(True)
+            raise MlflowException("API request to http://tracking:5000 failed: Connection refused")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_figure", log_figure)
+    result = tltoolkit.run(tiny_recipe(), image_folder, verbose=0)
+    assert len(failures) == 2 and MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+    assert "waiting up to" in caplog.text

@@ -113,3 +113,48 @@ class EpochSender:
                 f"({self.last_error}), so training stopped; every finished epoch is in the checkpoint. When the store "
                 "is back, run the same command plus --resume: the missing epochs are logged from the checkpoint."
             )
+
+
+class PatientClient:
+    """An `MlflowClient` whose calls wait for a store that does not answer (retrying with backoff) for up to the
+    patience, then raise one `TrackingError`: for what a run logs outside its epochs (a stage's end, the final
+    scores), where training cannot go on without the answer. A call the store refused for another reason raises at
+    once. `raw` is the client itself (for calls that must not wait, as marking a failing run)."""
+
+    def __init__(self, client, where: str, patience: float | None = None):
+        self.raw, self.where = client, where
+        self.patience = patience_s() if patience is None else patience
+
+    def __getattr__(self, name: str):
+        method = getattr(self.raw, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            started, delay = None, 0.5
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    if not unreachable(exc):
+                        raise
+                    now = time.monotonic()
+                    if started is None:
+                        started = now
+                        _logger.warning(
+                            "The tracking store %s does not answer (%s: %s); waiting up to %.0f s.",
+                            self.where,
+                            type(exc).__name__,
+                            str(exc).splitlines()[0][:200] if str(exc) else "",
+                            self.patience,
+                        )
+                    if now - started >= self.patience:
+                        raise TrackingError(
+                            f"The tracking store {self.where} has not answered for {now - started:.0f} s "
+                            f"({type(exc).__name__}), so the run stopped; every finished epoch is in the checkpoint. "
+                            "When the store is back, run the same command plus --resume."
+                        ) from None
+                    time.sleep(min(delay, max(0.0, started + self.patience - now) + 0.01))
+                    delay = min(delay * 2, 30.0)
+
+        return call

@@ -30,7 +30,7 @@ from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors, samples
 from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, SessionResult, StageOutcome, TrainingSession
 from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
-from tltoolkit.tracking.outage import EpochSender, unreachable
+from tltoolkit.tracking.outage import EpochSender, PatientClient, unreachable
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
 from tltoolkit.tracking.processes import PROCESS_TAG, is_alive, lease_timeout_s, live_lease, process_tag
 from tltoolkit.tracking.reports import (
@@ -85,7 +85,12 @@ class RunTracker(TrainingHooks):
         parent_id: str | None = None,
         overrides: tuple[str, ...] = (),
     ):
-        self.client, self.experiment_id, self.session = client, experiment_id, session
+        # Calls outside the epochs wait for a store that blinks; epochs are queued (`EpochSender`).
+        self.client, self.experiment_id, self.session = (
+            PatientClient(client, client.tracking_uri),
+            experiment_id,
+            session,
+        )
         self.recipe, self.folder, self.key = session.recipe, session.folder, key
         self.parent_id, self.child_id = parent_id, None
         self.resumed = parent_id is not None
@@ -460,7 +465,7 @@ class RunTracker(TrainingHooks):
         try:
             for run_id in (self.child_id, self.parent_id):
                 if run_id:
-                    self.client.set_terminated(run_id, status)
+                    self.client.raw.set_terminated(run_id, status)  # Failing already: no waiting.
             if mlflow.active_run() is not None:
                 mlflow.end_run(status)
         except Exception as exc:
