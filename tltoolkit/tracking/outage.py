@@ -48,6 +48,15 @@ def unreachable(error: BaseException) -> bool:
     return any(sign in text for sign in _SIGNS)
 
 
+def gave_up(where: str, seconds: float, error: str) -> TrackingError:
+    """The one message a run stops with when the store stayed away too long."""
+    return TrackingError(
+        f"The tracking store {where} has not answered for {seconds:.0f} s ({error}), so training stopped; every "
+        "finished epoch is in the checkpoint. When the store is back, run the same command plus --resume: what it "
+        "missed is logged from the checkpoint."
+    )
+
+
 def patience_s() -> float:
     return float(os.environ.get("TLTOOLKIT_TRACKING_PATIENCE_S", PATIENCE_S))
 
@@ -108,11 +117,7 @@ class EpochSender:
                 self.patience,
             )
         if now - self.down_since >= self.patience:
-            raise TrackingError(
-                f"The tracking store {self.where} has not answered for {now - self.down_since:.0f} s "
-                f"({self.last_error}), so training stopped; every finished epoch is in the checkpoint. When the store "
-                "is back, run the same command plus --resume: the missing epochs are logged from the checkpoint."
-            )
+            raise gave_up(self.where, now - self.down_since, self.last_error)
 
 
 class PatientClient:
@@ -149,11 +154,7 @@ class PatientClient:
                             self.patience,
                         )
                     if now - started >= self.patience:
-                        raise TrackingError(
-                            f"The tracking store {self.where} has not answered for {now - started:.0f} s "
-                            f"({type(exc).__name__}), so the run stopped; every finished epoch is in the checkpoint. "
-                            "When the store is back, run the same command plus --resume."
-                        ) from None
+                        raise gave_up(self.where, now - started, type(exc).__name__) from None
                     time.sleep(min(delay, max(0.0, started + self.patience - now) + 0.01))
                     delay = min(delay * 2, 30.0)
 
