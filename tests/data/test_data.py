@@ -304,3 +304,36 @@ def test_epoch_streams_are_set_up_lazily_and_any_epoch_starts_where_it_would_be(
     assert [list(b) for b in later.as_numpy_iterator()] == batches[6:9], "epoch 2 alone, as in the long stream"
     other = epoch_stream(examples, 10, batch_size=4, seed=3, stream=2, first_epoch=0, last_epoch=1)
     assert [list(b) for b in other.as_numpy_iterator()] != batches[:3], "another stage, another order"
+
+
+def test_a_folder_that_cannot_be_read_is_one_error_naming_it(tmp_path, monkeypatch):
+    root = write_images(tmp_path / "photos", per_class=3)
+    locked = root / "green"
+    original = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:  # What chmod 000 does to a user who is not root.
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DataError, match=f"Cannot read the folder {locked} \\(Permission denied\\).*chmod"):
+        prepare_data(root, 0.34, seed=0, progress=False)
+
+
+def test_a_file_that_cannot_be_opened_is_skipped_saying_why(tmp_path, monkeypatch):
+    import tltoolkit.data.images as images
+
+    root = write_images(tmp_path / "photos", per_class=3)
+    locked = root / "red" / "red_1.png"
+    original = images.Image.open
+
+    def open_image(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", open_image)
+    folder = prepare_data(root, 0.34, seed=0, progress=False)
+    (skipped,) = [s for s in folder.skipped if s.path == str(locked)]
+    assert "cannot be opened (PermissionError: Permission denied)" in skipped.reason

@@ -167,7 +167,7 @@ def check_files(
 def _class_dirs(root: Path) -> tuple[list[Path], list[SkippedFile]]:
     """Class folders directly under `root`; stray files at the top and linked class folders are reported as skipped."""
     dirs, stray = [], []
-    for entry in sorted(root.iterdir()):
+    for entry in sorted(_entries(root)):
         if entry.is_symlink() and entry.is_dir():
             stray.append(
                 SkippedFile(
@@ -186,6 +186,17 @@ def _class_dirs(root: Path) -> tuple[list[Path], list[SkippedFile]]:
     return dirs, stray
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The entries of `folder`; one that cannot be listed is a `DataError` naming it."""
+    try:
+        return list(folder.iterdir())
+    except OSError as exc:
+        raise DataError(
+            f"Cannot read the folder {folder} ({exc.strerror or type(exc).__name__}); fix its permissions (e.g. "
+            f"chmod u+rx '{folder}') or move it out of the data folder."
+        ) from None
+
+
 def class_files(folder: Path, root: Path) -> tuple[list[Path], list[SkippedFile]]:
     """Every file under a class folder, at any depth, sorted; links are followed only where they stay inside `root`.
 
@@ -200,7 +211,7 @@ def class_files(folder: Path, root: Path) -> tuple[list[Path], list[SkippedFile]
             skipped.append(SkippedFile(str(directory), f"a link back to {real}, already scanned (a loop)"))
             return
         walked.add(real)
-        for entry in sorted(directory.iterdir(), key=lambda e: e.name):
+        for entry in sorted(_entries(directory), key=lambda e: e.name):
             if entry.is_symlink():
                 target = entry.resolve()
                 if not target.exists():
