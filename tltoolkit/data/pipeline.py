@@ -90,17 +90,19 @@ def epoch_stream(examples: tf.data.Dataset, size: int, batch_size: int, seed: in
         return examples.batch(batch_size).take(0)
 
     def one_epoch(epoch):
-        # The function's own graph-level seed, so the order depends on (seed, stream, epoch) alone, not on the
-        # process's global seed (and a global seed of 0 cannot meet TensorFlow's Python check of a tensor seed).
-        tf.random.set_seed(_STREAM_GRAPH_SEED)
         return examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False).batch(batch_size)
 
+    if tf.compat.v1.get_seed(1)[0] % (2**31 - 1) == 0:
+        # A global seed of 0 makes TensorFlow compare the op seed in Python (`random_seed.get_seed`), which a tensor
+        # seed cannot meet: build the epochs one by one (the same orders; slower to set up for very many epochs).
+        epochs = [one_epoch(epoch) for epoch in range(first_epoch, last_epoch)]
+        choice = tf.data.Dataset.range(len(epochs)).flat_map(
+            lambda i: tf.data.Dataset.from_tensors(i).repeat(steps_per_epoch(size, batch_size))
+        )
+        return epochs[0] if len(epochs) == 1 else tf.data.Dataset.choose_from_datasets(epochs, choice)
     # Each epoch is its own shuffle of `examples` (sharing its cache), made lazily as the stream reaches it: setting
-    # up 100,000 epochs costs what one does.
+    # up 100,000 epochs costs what one does. A tensor seed gives the orders the same Python seed gives.
     return tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch)
-
-
-_STREAM_GRAPH_SEED = 20_240_917
 
 
 def steps_per_epoch(size: int, batch_size: int) -> int:
