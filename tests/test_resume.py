@@ -310,8 +310,8 @@ def test_a_diverging_loss_stops_keeps_the_last_finite_checkpoint_and_resumes_wit
         return ds.take(finite).concatenate(ds.skip(finite).map(lambda x, y: (x * np.nan, y)))
 
     monkeypatch.setattr(TrainingBatches, "epochs", diverging)
-    recipe = tiny_recipe()
-    recipe["stages"][1].update(epochs=4, optimizer={"name": "sgd", "learning_rate": 10.0, "momentum": 0.99})
+    recipe = tiny_recipe(tracking={"log_model": False})
+    recipe["stages"][1].update(epochs=4, optimizer={"name": "sgd", "learning_rate": 0.01})
     with pytest.raises(DivergedError, match=r"Stage 'finetune', epoch 3, batch 1: the training loss became nan"):
         tltoolkit.run(recipe, image_folder, verbose=0)
     monkeypatch.setattr(TrainingBatches, "epochs", original)
@@ -330,7 +330,7 @@ def test_a_diverging_loss_stops_keeps_the_last_finite_checkpoint_and_resumes_wit
     assert epochs_logged(client, finetune.info.run_id) == [2, 3, 4, 5], "each fine-tune epoch once, continued"
     assert np.isfinite(result.history["loss"]).all()
     params = client.get_run(parent.info.run_id).data.params
-    assert params["stages.1.optimizer.learning_rate"] == "10.0", "what it started with stays"
+    assert params["stages.1.optimizer.learning_rate"] == "0.01", "what it started with stays"
     assert params["resumed.stages.1.optimizer.learning_rate"] == "0.001"
     assert client.get_run(finetune.info.run_id).data.params["resumed.optimizer.learning_rate"] == "0.001"
 
