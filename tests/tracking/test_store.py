@@ -96,8 +96,7 @@ mlflow.MlflowClient(sys.argv[1]).search_experiments()  # Creates and migrates th
 """
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.6])
-def test_another_mlflow_client_creating_the_store_at_the_same_moment_is_waited_for(tmp_path, delay):
+def test_another_mlflow_client_creating_the_store_at_the_same_moment_is_waited_for(tmp_path, delay=0.3):
     import subprocess
     import sys
     import time
