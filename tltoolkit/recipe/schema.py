@@ -487,8 +487,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _auto_needs_a_pretrained_backbone(self) -> Recipe:
-        auto = self.backbone.freeze == "auto" or any(stage.unfreeze == "auto" for stage in self.stages)
-        if auto and self.pretrain is not None:
+        if self.uses_auto and self.pretrain is not None:
             raise ValueError(
                 "`auto` freeze points come from probing a pretrained backbone, but this recipe's encoder is trained in "
                 "the run itself (pretrain); give the freeze and unfreeze points (a layer name, a count, all or none)"
@@ -511,6 +510,11 @@ class Recipe(_Section):
 
             check_space(self)
         return self
+
+    @property
+    def uses_auto(self) -> bool:
+        """Whether a freeze point is the probe's answer (`backbone.freeze: auto` or a stage's `unfreeze: auto`)."""
+        return self.backbone.freeze == "auto" or any(stage.unfreeze == "auto" for stage in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in."""

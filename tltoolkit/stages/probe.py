@@ -182,11 +182,6 @@ def decide(points: list[ProbePoint], backbone: keras.Model, train: int, val: int
     return ProbeResult(suggestion=UNFREEZE, freeze=chosen.layer, unfreeze=above, evidence=evidence, **base)
 
 
-def uses_auto(recipe: Recipe) -> bool:
-    """Whether the recipe asks for the probe's answer (`backbone.freeze: auto` or a stage's `unfreeze: auto`)."""
-    return recipe.backbone.freeze == AUTO or any(stage.unfreeze == AUTO for stage in recipe.stages)
-
-
 def resolve_auto(recipe: Recipe, result: ProbeResult) -> Recipe:
     """`recipe` with `auto` freeze and unfreeze points replaced by the probe's answer."""
     backbone = recipe.backbone

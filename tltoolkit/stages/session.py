@@ -44,7 +44,7 @@ from tltoolkit.stages.checkpoint import (
 )
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import PRETRAIN_STREAM, Pretraining, fit_autoencoder, prepare_pretraining
-from tltoolkit.stages.probe import ProbeResult, probe_backbone, resolve_auto, uses_auto
+from tltoolkit.stages.probe import ProbeResult, probe_backbone, resolve_auto
 from tltoolkit.stages.runner import ClassifierOutcome, fit_stage
 from tltoolkit.stages.training import Training, prepare_training
 
@@ -185,7 +185,7 @@ class TrainingSession:
     def load_data(self, folder: ImageFolder) -> TrainingSession:
         """Builds the classifier (and autoencoder) and the pipelines on `folder`, from `prepare_data`."""
         self.folder, unlabeled = folder, self.options.unlabeled or self.recipe.data.unlabeled
-        if uses_auto(self.recipe):
+        if self.recipe.uses_auto:
             self.probe = probe_backbone(self.backbone, folder.parts, self.recipe.data, self.options.progress)
             self.recipe = resolve_auto(self.recipe, self.probe)
             self.plan = plan_stages(self.recipe)
