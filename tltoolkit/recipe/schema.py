@@ -72,7 +72,13 @@ class DataConfig(_Section):
         None, description="Folder of unlabelled images (any depth) for `pretrain`; `--unlabeled` overrides it."
     )
     image_size: int = Field(224, ge=16, le=1024, description="Square side in pixels that images are resized to.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per training and scoring batch.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Images per training and scoring batch; with `runtime.strategy: mirrored` the global batch, split "
+        "between the devices.",
+    )
     val_split: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction held out for validation when there is no val/.")
     resize: Literal["squash", "crop", "pad"] = Field(
         "squash", description="`squash` to the square, `crop` the centre square, or `pad` to a square (black)."
@@ -346,6 +352,63 @@ class TrackingConfig(_Section):
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on every run.")
 
 
+MULTI_WORKER_REFUSED = (
+    "runtime.strategy multi_worker: Keras 3 cannot train one model across machines "
+    "(MultiWorkerMirroredStrategy fails in `fit`, https://github.com/keras-team/keras/issues/20585). Use "
+    "`strategy: mirrored` for all the devices of one machine, and `tltoolkit tune --distributed chief|worker` to "
+    "spread a search over machines (each worker trains its own trials)"
+)
+
+
+class RuntimeConfig(_Section):
+    """Where a run trains: one device, or every device of one machine in one `tf.distribute` scope."""
+
+    strategy: Literal["none", "mirrored", "multi_worker"] = Field(
+        "none",
+        description="`none`: one device (TensorFlow's choice: the first GPU, else the CPU). `mirrored`: "
+        "`tf.distribute.MirroredStrategy`, one replica per device, each batch split between them "
+        "(`data.batch_size` is the global batch; learning rates are not rescaled). `multi_worker` is refused: Keras 3 "
+        "does not support it (keras-team/keras#20585).",
+    )
+    devices: int | list[str] | None = Field(
+        None,
+        description="With `mirrored`: a count (the first N GPUs; on a machine without GPUs, the CPU split into N "
+        'logical devices) or a list of device names (`["/gpu:0", "/gpu:2"]`). Default: every GPU (the CPU alone '
+        "on a machine without).",
+    )
+    mixed_precision: Literal["auto", "off", "on"] = Field(
+        "auto",
+        description="`mixed_float16` compute with float32 weights: `auto` turns it on where a GPU supports it "
+        "(compute capability 7.0 or newer) and off on CPUs; the output layer always computes in float32.",
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _no_multi_worker(cls, strategy: str) -> str:
+        if strategy == "multi_worker":
+            raise ValueError(MULTI_WORKER_REFUSED)
+        return strategy
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, devices):
+        if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1:
+            raise ValueError(f"runtime.devices must be at least 1, not {devices}")
+        if isinstance(devices, list) and (not devices or len(set(devices)) != len(devices)):
+            raise ValueError(
+                f"runtime.devices as a list must name distinct devices, e.g. [/gpu:0, /gpu:1]; got {devices}"
+            )
+        return devices
+
+    @model_validator(mode="after")
+    def _devices_need_mirrored(self) -> RuntimeConfig:
+        if self.strategy == "none" and self.devices not in (None, 1):
+            raise ValueError(
+                f"runtime.devices {self.devices} needs `runtime.strategy: mirrored` (with `none` a run uses one device)"
+            )
+        return self
+
+
 class HyperparameterSpec(_Section):
     """One searched recipe field. Its default is always the recipe's own value at that path.
 
@@ -461,6 +524,9 @@ class Recipe(_Section):
         EvaluationConfig(), description="How the final model is scored: calibration, test-time augmentation."
     )
     tracking: TrackingConfig = Field(TrackingConfig(), description="Where and how runs are logged (MLflow).")
+    runtime: RuntimeConfig = Field(
+        RuntimeConfig(), description="The devices a run trains on (several GPUs of one machine) and mixed precision."
+    )
     search: SearchConfig | None = Field(None, description="What `tltoolkit tune` searches; `run` ignores it.")
     pretrain: PretrainConfig | None = Field(
         None, description="Autoencoder pretraining on unlabelled images; its encoder replaces `backbone.name`."

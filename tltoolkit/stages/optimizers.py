@@ -50,4 +50,4 @@ def build_optimizer(
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     """The learning rate the optimizer applies at its current step."""
     lr = optimizer.learning_rate
-    return float(lr(optimizer.iterations) if callable(lr) else lr)
+    return float(keras.ops.convert_to_numpy(lr(optimizer.iterations) if callable(lr) else lr))

@@ -109,8 +109,10 @@ def _plain(training: Training, run: StageRun) -> _Fit:
 
 def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
     steps = training.train.steps_per_epoch
-    # On cached features a step is tiny, so a whole epoch runs per compiled call.
-    compile_for_stage(cached.model, training.recipe, run.stage, steps, steps, training.supervision)
+    # On cached features a step is tiny, so a whole epoch runs per compiled call; not across replicas, where Keras's
+    # multi-step loop over a distributed iterator fails in TensorFlow 2.21 ("You must feed a value for placeholder").
+    per_call = steps if cached.model.distribute_strategy.num_replicas_in_sync == 1 else 1
+    compile_for_stage(cached.model, training.recipe, run.stage, steps, per_call, training.supervision)
     scorer = cached.model
     if training.supervision is not None:  # Scored on the main output alone.
         scorer = keras.Model(cached.model.inputs, cached.model.outputs[0], name=f"{cached.model.name}_main")

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +41,8 @@ from tltoolkit.stages.checkpoint import (
     restore_variables,
     variable_values,
 )
+from tltoolkit.stages.devices import describe as describe_runtime
+from tltoolkit.stages.devices import distribution_for, precision_policy, runtime_scope
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import PRETRAIN_STREAM, Pretraining, fit_autoencoder, prepare_pretraining
 from tltoolkit.stages.probe import ProbeResult, probe_backbone, resolve_auto
@@ -126,7 +127,8 @@ class SessionOptions:
         unlabeled: Unlabelled images for a recipe's `pretrain.autoencoder`. Defaults to its `data.unlabeled`.
         progress: Show the unlabelled folder's scan progress.
         final_parts: The parts the final model is scored on. Defaults to every part but `train`.
-        distribution: A `tf.distribute.Strategy`: models and optimizers are created in its scope.
+        distribution: A `tf.distribute.Strategy`: models and optimizers are created in its scope. Defaults to the
+            recipe's `runtime` (see `tltoolkit.stages.devices`).
     """
 
     seed: int | None = None
@@ -167,14 +169,17 @@ class TrainingSession:
         self.training: Training | None = None
         self.probe: ProbeResult | None = None  # With `auto` freeze points: the probe that resolved them.
         self._stage_evals: dict[str, Evaluation] = {}
+        self.distribution = self.options.distribution or distribution_for(recipe.runtime)
+        self.precision = precision_policy(recipe.runtime)
+        _logger.info("Training on %s.", describe_runtime(self.distribution, self.precision))
         keras.utils.set_random_seed(self.seed)
         with self.scope():
             self.backbone = backbones(recipe)
 
     def scope(self):
-        """The distribution strategy's scope, or a no-op: models and optimizers are created inside it."""
-        strategy = self.options.distribution
-        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+        """The distribution strategy's scope (if any) and the dtype policy: models and optimizers are created, and
+        stages fit, inside it."""
+        return runtime_scope(self.distribution, self.precision)
 
     def check_points(self, where: Callable[[str], str] | None = None) -> None:
         """Every freeze and unfreeze point exists in the backbone (before any image is read); `where` locates a

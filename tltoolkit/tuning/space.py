@@ -86,9 +86,11 @@ def space_fingerprint(recipe: Recipe) -> str:
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    """Changes when anything a trial trains with changes (the recipe without its search and tracking sections)."""
+    """Changes when anything a trial trains with changes (the recipe without its search, tracking and runtime
+    sections: a search may continue on other devices)."""
     tree = base_tree(recipe)
     tree.pop("tracking", None)
+    tree.pop("runtime", None)
     tree.pop("name", None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
