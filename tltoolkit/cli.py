@@ -236,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
     _add_tracking_flag(ui)
 
+    server = command(
+        "server", help="run a team tracking server: MLflow on PostgreSQL, artifacts served through it (127.0.0.1)"
+    )
+    server.add_argument(
+        "--dir", default="tltoolkit-server", help="holds postgres/ and artifacts/ (default: ./tltoolkit-server)"
+    )
+    server.add_argument(
+        "--backend-store-uri",
+        metavar="URI",
+        help="an existing database, e.g. postgresql+psycopg2://user:password@dbhost/mlflow (default: a PostgreSQL "
+        "of the server's own in DIR/postgres)",
+    )
+    server.add_argument("--artifacts", metavar="URI", help="where artifacts are kept (default: DIR/artifacts)")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
+    server.add_argument("--workers", type=int, help="MLflow server worker processes (default: MLflow's)")
+
     listing = command(
         "backbones", help="list backbones and their weight sources, or the layers of one (to choose freeze points)"
     )
@@ -370,6 +388,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tltoolkit.commands.ui import ui
 
         return ui(args.tracking_uri, args.host, args.port, args.allowed_hosts)
+    elif args.command == "server":
+        from tltoolkit.commands.server import server
+
+        return server(
+            args.dir, args.backend_store_uri, args.artifacts, args.host, args.port, args.allowed_hosts, args.workers
+        )
     elif args.command == "backbones":
         from tltoolkit.commands.backbones import backbone_layers, backbones, weight_sources
 
