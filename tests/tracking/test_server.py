@@ -1,11 +1,13 @@
-"""The team tracking server for real: PostgreSQL started from its own binaries in a temp folder, `mlflow server` with
-artifacts served through it on a free loopback port, and tltoolkit processes logging to it at once, killed, resumed."""
+"""The team tracking server for real: `tltoolkit server` starts PostgreSQL from its own binaries in a temp folder and
+`mlflow server` with artifacts served through it on a free loopback port; tltoolkit processes log to it at once, are
+killed and resumed; the server is stopped by pid and started again on the same folder."""
 
 import os
 import shutil
 import signal
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,40 @@ from mlflow import MlflowClient
 
 from tltoolkit.errors import TltoolkitError
 from tltoolkit.tracking.models import load_classifier
-from tltoolkit.tracking.server import TeamServer, postgres_binaries
+from tltoolkit.tracking.server import postgres_binaries
 
 pytestmark = pytest.mark.service
+
+
+class Server:
+    """`tltoolkit server` in its own process, as a team runs it; stopped by pid (SIGTERM), started again on the same
+    folder and port."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.process = folder, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = ("server", "--dir", str(self.folder), "--port", str(self.port), "--workers", "2")
+        log = self.folder / "server.log"
+        announced = f"export MLFLOW_TRACKING_URI={self.url}"  # Said once the server answers.
+        before = log.read_text().count(announced) if log.exists() else 0
+        self.process = cli(*command, log=log)
+        wait_until(lambda: log.read_text().count(announced) > before, self.process, 180, "the server to answer")
+        assert self.answers()
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=60) == 0, (self.folder / "server.log").read_text()[-3000:]
+        assert not self.answers()
+        assert not (self.folder / "postgres" / "data" / "postmaster.pid").exists(), "PostgreSQL stopped with it"
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +62,11 @@ def team():
     # Not under pytest's tmp folder (private to its user): as root, PostgreSQL runs as `postgres` and must reach it.
     folder = Path(tempfile.mkdtemp(prefix="tltoolkit-team-"))
     folder.chmod(0o755)
-    server = TeamServer(folder, port=free_port(), workers=2)
+    server = Server(folder)
     server.start()
     yield server
-    server.stop()
-    assert server.postgres.pid() is None, "PostgreSQL stopped with the server"
+    if server.process.poll() is None:
+        server.stop()
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -135,7 +168,7 @@ def test_a_server_killed_mid_run_fails_the_run_and_resume_continues_it(team, on_
             return bool(stages) and bool(steps(client, stages[0].info.run_id, "loss"))
 
         wait_until(first_epoch, process, timeout=180, what="the first epoch on the server")
-        team.stop_mlflow()
+        team.stop()  # MLflow and its PostgreSQL, as a server restart does.
         stopped = time.monotonic()
         assert process.wait(timeout=60) != 0
         assert time.monotonic() - stopped < 30, "failed within seconds of the patience"

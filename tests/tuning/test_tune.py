@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, free_port, tiny_recipe, wait_until
+from conftest import cli, tiny_recipe, wait_until
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -114,7 +114,7 @@ def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
     assert len(result.trials) == 2 and "epochs_budget" in result.trials
 
 
-# --- Processes: a real SIGKILL, then the same command resumes; a chief and two workers on loopback. ---
+# --- Processes: a real SIGKILL, then the same command resumes. A chief and two workers: tests/tracking/test_server.py. ---
 
 
 def trial_runs(client, name):
@@ -165,33 +165,6 @@ def test_search_killed_in_trial_0_and_in_a_later_trial_resumes_with_the_same_com
     oracle = json.loads((project / "oracle.json").read_text())
     assert sorted(oracle["end_order"]) == ["0", "1", "2"] and not oracle["ongoing_trials"]
     assert "Resuming search 'tiny'" in log.read_text()
-
-
-def test_distributed_chief_and_two_workers_run_every_trial_once(image_folder, tmp_path):
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(search_recipe(max_trials=4)))
-    address = f"127.0.0.1:{free_port()}"
-    base = ("tune", str(path), "--data", str(image_folder), "--oracle-address", address)
-    chief = cli(*base, "--distributed", "chief", log=tmp_path / "chief.log")
-    workers = [
-        cli(*base, "--distributed", "worker", "--worker-id", f"w{i}", log=tmp_path / f"w{i}.log") for i in (1, 2)
-    ]
-    try:
-        for i, worker in enumerate(workers, start=1):
-            assert worker.wait(timeout=400) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
-        assert chief.wait(timeout=120) == 0, (tmp_path / "chief.log").read_text()[-3000:]
-    finally:
-        for process in [chief, *workers]:
-            if process.poll() is None:
-                process.kill()
-    client = MlflowClient()
-    parents, runs = trial_runs(client, "tiny")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert parents[0].data.metrics["trials_completed"] == 4
-    tagged = [r for r in runs if "tltoolkit.trial" in r.data.tags]
-    assert sorted(r.data.tags["tltoolkit.trial"] for r in tagged) == ["0", "1", "2", "3"]
-    assert all(r.info.status == "FINISHED" for r in tagged)
-    assert {r.data.tags["tltoolkit.tuner_id"] for r in tagged} <= {"worker-w1", "worker-w2"}
 
 
 def test_ctrl_c_marks_the_runs_killed_and_the_same_call_resumes(image_folder, monkeypatch):
