@@ -114,7 +114,7 @@ def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
     assert len(result.trials) == 2 and "epochs_budget" in result.trials
 
 
-# --- Processes: a real SIGKILL, then the same command resumes. A chief and two workers: tests/tracking/test_server.py. ---
+# --- Processes: a real SIGKILL, then the same command resumes (chief and workers: tests/tracking/test_server.py). ---
 
 
 def trial_runs(client, name):
