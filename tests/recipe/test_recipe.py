@@ -130,6 +130,15 @@ def test_bad_overrides_are_explained(override, fragment):
     assert fragment in str(info.value)
 
 
+def test_overrides_reach_fields_of_sections_the_file_leaves_out():
+    """`search` and `pretrain` default to absent; their fields are still known to `--set`, with their defaults."""
+    searched = load_recipe({"search": {"space": {"head.dropout": [0.1, 0.2]}}}, ["search.name=nightly"])
+    assert searched.search.name == "nightly" and searched.search.max_trials == 10
+    assert load_recipe({}, ["pretrain.autoencoder.epochs=3"]).pretrain.autoencoder.epochs == 3
+    with pytest.raises(RecipeError, match="Did you mean `search.name`"):
+        load_recipe({}, ["search.nmae=x"])
+
+
 def test_invalid_override_value_names_the_flag():
     with pytest.raises(RecipeError, match=r"from --set data.batch_size=0"):
         load_recipe({}, ["data.batch_size=0"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tltoolkit.errors import RecipeError
 from tltoolkit.recipe.schema import Recipe, StageConfig
@@ -138,7 +139,20 @@ def _safe_load(text: str, label: str) -> dict:
 
 
 def _defaults() -> dict:
-    return Recipe().to_dict()
+    """Every field's default; the optional sections (`search`, `pretrain`) with theirs, so a recipe without one can
+    still name its fields in an override (`--set search.name=...`)."""
+    tree = Recipe().to_dict()
+    for name, section in Recipe.model_fields.items():
+        models = [t for t in typing.get_args(section.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if tree[name] is None and models:
+            model = models[0]
+            values = {key: f.get_default(call_default_factory=True) for key, f in model.model_fields.items()}
+            tree[name] = {
+                key: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+                for key, value in values.items()
+                if not model.model_fields[key].is_required()
+            }
+    return tree
 
 
 def _apply(raw: dict, keys: list[str], value: Any, override: str) -> None:
