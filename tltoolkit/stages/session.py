@@ -171,7 +171,8 @@ class TrainingSession:
         self._stage_evals: dict[str, Evaluation] = {}
         self.distribution = self.options.distribution or distribution_for(recipe.runtime)
         self.precision = precision_policy(recipe.runtime)
-        _logger.info("Training on %s.", describe_runtime(self.distribution, self.precision))
+        level = logging.DEBUG if self.distribution is None and self.precision == "float32" else logging.INFO
+        _logger.log(level, "Training on %s.", describe_runtime(self.distribution, self.precision))
         keras.utils.set_random_seed(self.seed)
         with self.scope():
             self.backbone = backbones(recipe)

@@ -28,6 +28,7 @@ from tltoolkit.errors import TltoolkitError
 
 DATABASE = "mlflow"
 USER = "mlflow"
+PROGRAMS = ("initdb", "pg_ctl", "psql", "createdb")
 _logger = logging.getLogger(__name__)
 
 
@@ -35,18 +36,19 @@ def postgres_binaries() -> Path:
     """The folder of PostgreSQL's server programs: `$TLTOOLKIT_POSTGRES_BIN`, `initdb` on the PATH, or the newest
     `/usr/lib/postgresql/<version>/bin` (where Debian and Ubuntu put them)."""
     named = os.environ.get("TLTOOLKIT_POSTGRES_BIN")
-    folders = [Path(named)] if named else []
-    on_path = shutil.which("initdb")
-    if on_path:
-        folders.append(Path(on_path).parent)
-    versions = Path("/usr/lib/postgresql").glob("*/bin")
-    folders += sorted(versions, key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.name)], reverse=True)
+    if named:  # Named: that folder or an error, never another PostgreSQL behind the user's back.
+        folders = [Path(named)]
+    else:
+        on_path = shutil.which("initdb")
+        versions = Path("/usr/lib/postgresql").glob("*/bin")
+        folders = [Path(on_path).parent] if on_path else []
+        folders += sorted(versions, key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.name)], reverse=True)
     for folder in folders:
-        if all((folder / program).exists() for program in ("initdb", "pg_ctl", "createdb")):
+        if all((folder / program).exists() for program in PROGRAMS):
             return folder
     raise TltoolkitError(
-        "PostgreSQL's server programs (initdb, pg_ctl) were not found"
-        + (f" in TLTOOLKIT_POSTGRES_BIN={named}" if named else "")
+        f"PostgreSQL's server programs ({', '.join(PROGRAMS)}) were not found"
+        + (f" in TLTOOLKIT_POSTGRES_BIN={named}" if named else " (on the PATH or in /usr/lib/postgresql/*/bin)")
         + ". Install them (Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql@15`), set "
         "TLTOOLKIT_POSTGRES_BIN to their folder, or give the server an existing database with --backend-store-uri."
     )
