@@ -63,11 +63,13 @@ def team():
     folder = Path(tempfile.mkdtemp(prefix="tltoolkit-team-"))
     folder.chmod(0o755)
     server = Server(folder)
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        server.start()
+        yield server
+    finally:  # Stopped by pid whatever happened, so no server outlives the tests.
+        if server.process is not None and server.process.poll() is None:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
