@@ -6,7 +6,9 @@ Benchmarks hold the speed and accuracy targets that tests must not: they take mi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -663,6 +665,158 @@ def export(args) -> tuple[list[dict], dict]:
         rows.append(row)
         for key in ("size_mb", "val_accuracy", "top1_agreement", "max_abs_diff", "ms_per_image"):
             figures[f"{row['artifact']}_{key}"] = row[key]
+    return rows, figures
+
+
+def _scale_recipe(workdir: Path, digits: Path) -> Path:
+    """The search both sides of `search-scale` run: the demo's recipe on its digits at 64 px, a 1-epoch head and a
+    1-epoch fine-tune per trial (so trials train through the backbone, as most searches with a fine-tune do)."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    recipe["data"].update(image_size=64, dir=str(digits))
+    recipe["stages"][0]["epochs"], recipe["stages"][1]["epochs"] = 1, 1
+    recipe["stages"][1].pop("schedule", None)
+    recipe["tracking"] = {"experiment": "bench-search-scale", "log_model": False}
+    recipe["evaluation"] = {"top_losses": 0}
+    recipe["search"] = {
+        "tuner": "random",
+        "max_trials": 8,
+        "name": "scale",
+        "directory": str(workdir / "tuning"),
+        "space": {
+            "head.dropout": {"type": "float", "min": 0.0, "max": 0.5},
+            "stages.1.optimizer.learning_rate": {"type": "float", "min": 1e-5, "max": 1e-3, "sampling": "log"},
+        },
+    }
+    path = workdir / "scale.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _distributed_search(recipe: Path, name: str, workers: int, uri: str, workdir: Path) -> float:
+    """A chief and `workers` workers (separate processes, one thread each) of one search; seconds from their start
+    to the last one's end."""
+    import os
+    import subprocess
+
+    from tltoolkit.tracking.server import free_port
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    env["OMP_NUM_THREADS"] = "1"
+    base = [sys.executable, "-m", "tltoolkit", "tune", str(recipe), "--set", f"search.name={name}"]
+    base += ["--oracle-address", f"127.0.0.1:{free_port()}", "--distributed"]
+    roles = [["chief"]] + [["worker", "--worker-id", f"w{i}"] for i in range(1, workers + 1)]
+    started = time.perf_counter()
+    logs = [workdir / f"{name}-{i}.log" for i in range(len(roles))]
+    processes = [
+        subprocess.Popen(base + role, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for role, log in zip(roles, logs)
+    ]
+    for process, log in zip(processes, logs):
+        if process.wait() != 0:
+            raise SystemExit(f"{' '.join(process.args)} failed:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - started
+
+
+@benchmark
+def search_scale(args) -> tuple[list[dict], dict]:
+    """One 8-trial search by a chief and 1 worker, then by a chief and 2 workers, each worker one thread
+    (`TF_NUM_INTRAOP_THREADS=1`), all logging to one team tracking server (`tltoolkit server`: MLflow on PostgreSQL)
+    on this machine: trials per hour and the ratio. Wall time runs from the processes' start to the last one's end.
+    """
+    from mlflow import MlflowClient
+
+    from tltoolkit.data.demo import write_digits
+    from tltoolkit.tracking.server import TeamServer, free_port
+
+    workdir = Path(args.workdir)
+    digits = Path(args.data) if args.data else write_digits(workdir / "digits")
+    recipe = _scale_recipe(workdir, digits)
+    server_dir = Path(tempfile.mkdtemp(prefix="tltoolkit-bench-server-"))  # Reachable by PostgreSQL's own user.
+    server_dir.chmod(0o755)
+    rows, figures = [], {}
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, server_dir, ignore_errors=True)
+        server = cleanup.enter_context(TeamServer(server_dir, port=free_port()))
+        client = MlflowClient(server.url)
+        for workers in (1, 2):
+            name = f"scale-{workers}"
+            wall = _distributed_search(recipe, name, workers, server.url, workdir)
+            experiment = client.get_experiment_by_name("bench-search-scale").experiment_id
+            parent = client.search_runs([experiment], filter_string=f"tags.`tltoolkit.search` = '{name}'")[0]
+            done = client.search_runs(
+                [experiment],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
+            )
+            rows.append(
+                {
+                    "setup": f"1 chief + {workers} worker(s), 1 thread each",
+                    "trials": len(done),
+                    "wall_s": round(wall, 1),
+                    "trials_per_hour": round(len(done) * 3600 / wall, 1),
+                }
+            )
+            figures[f"trials_per_hour_{workers}_worker"] = rows[-1]["trials_per_hour"]
+    figures["ratio_2_to_1_workers"] = round(
+        figures["trials_per_hour_2_worker"] / figures["trials_per_hour_1_worker"], 3
+    )
+    return rows, figures
+
+
+def _train_rate(model, images, labels, steps: int) -> float:
+    """Images per second of `model.fit` on batches in memory, after one warm-up epoch (tracing, autotuning)."""
+    import tensorflow as tf
+
+    batches = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
+    model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)
+    started = time.perf_counter()
+    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * len(images) / (time.perf_counter() - started)
+
+
+@benchmark
+def gpu(args) -> tuple[list[dict], dict]:
+    """On a machine with a GPU: images per second of recipes/mobilenet_v2.yaml's head and fine-tune train steps
+    (224 px, batch 32, in memory), in float32 and in mixed precision (the recipe's `runtime.mixed_precision`).
+    Without a GPU it says so and measures nothing."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        message = "no GPU on this machine (tf.config.list_physical_devices('GPU') is empty): nothing to measure"
+        return [{"skipped": message}], {"skipped": message}
+    return _gpu_rates(steps=50)
+
+
+def _gpu_rates(steps: int) -> tuple[list[dict], dict]:
+    import keras
+    import numpy as np
+
+    from tltoolkit.backbones import create_backbone
+    from tltoolkit.model import build_classifier
+    from tltoolkit.recipe import load_recipe
+    from tltoolkit.stages.devices import runtime_scope
+
+    recipe = load_recipe(REPO / "recipes" / "mobilenet_v2.yaml")
+    size, batch = recipe.data.image_size, recipe.data.batch_size
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    labels = keras.utils.to_categorical(rng.integers(0, 2, batch), 2)
+    rows, figures = [], {}
+    for policy in ("float32", "mixed_float16"):
+        with runtime_scope(None, policy):
+            backbone = create_backbone(recipe.backbone.name, recipe.backbone.weights, input_size=size)
+            model = build_classifier(backbone, ["a", "b"], recipe.head)
+        for stage, trainable in (("head", False), ("finetune", True)):
+            backbone.trainable = trainable
+            model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy")
+            rate = _train_rate(model, images, labels, steps)
+            rows.append({"policy": policy, "stage": stage, "images_per_s": round(rate, 1)})
+            figures[f"{stage}_images_per_s_{policy}"] = round(rate, 1)
+    for stage in ("head", "finetune"):
+        figures[f"{stage}_mixed_speedup"] = round(
+            figures[f"{stage}_images_per_s_mixed_float16"] / figures[f"{stage}_images_per_s_float32"], 3
+        )
     return rows, figures
 
 
