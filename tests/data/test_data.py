@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_images
 from PIL import Image
 
-from conftest import write_images
 from tltoolkit.data import load_image_array, prepare_data
 from tltoolkit.data.pipeline import image_dataset
 from tltoolkit.errors import DataError
@@ -178,8 +178,17 @@ def messy_folder(root: Path) -> tuple[dict[str, tuple[int, int, int]], set[str]]
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(rotated).save(green / "exif_rotated.jpg", exif=exif)
-    skipped = {"page.jpg", "empty.png", "truncated.jpg", "._red_0.png", ".hidden.png", "notes.txt", "bomb.png",
-               "._meta.png", "cover.png"}
+    skipped = {
+        "page.jpg",
+        "empty.png",
+        "truncated.jpg",
+        "._red_0.png",
+        ".hidden.png",
+        "notes.txt",
+        "bomb.png",
+        "._meta.png",
+        "cover.png",
+    }
     (red / "page.jpg").write_text("<!doctype html><html>a saved web page</html>")
     (red / "empty.png").write_bytes(b"")
     jpeg = io.BytesIO()

@@ -8,9 +8,9 @@ Layout (no network needed):
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import logging
 import numpy as np
 from PIL import Image
 
@@ -31,9 +31,14 @@ def write_digits(out: str | Path, unlabeled_fraction: float = 0.3, test_fraction
     digits = load_digits()
     images = (digits.images / 16.0 * 255.0).astype(np.uint8)
     index = np.arange(len(images))
-    labelled, unlabelled = train_test_split(index, test_size=unlabeled_fraction, stratify=digits.target, random_state=seed)
+    labelled, unlabelled = train_test_split(
+        index, test_size=unlabeled_fraction, stratify=digits.target, random_state=seed
+    )
     train, test = train_test_split(
-        labelled, test_size=test_fraction / (1 - unlabeled_fraction), stratify=digits.target[labelled], random_state=seed
+        labelled,
+        test_size=test_fraction / (1 - unlabeled_fraction),
+        stratify=digits.target[labelled],
+        random_state=seed,
     )
     for part, ids in (("train", train), ("test", test)):
         for i in ids:

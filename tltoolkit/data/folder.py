@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from tltoolkit.data.scan import SPLITS, ScanResult, SkippedFile, check_files, list_files, scan_class_folders, skipped_frame
+from tltoolkit.data.scan import (
+    SPLITS,
+    ScanResult,
+    SkippedFile,
+    check_files,
+    list_files,
+    scan_class_folders,
+    skipped_frame,
+)
 from tltoolkit.data.split import Item, stratified_split
 from tltoolkit.errors import DataError
 
@@ -43,7 +51,9 @@ class ImageFolder:
 
     def counts(self) -> pd.DataFrame:
         """Images per class (rows) and part (columns)."""
-        table = self.manifest().pivot_table(index="class", columns="split", values="path", aggfunc="count", fill_value=0)
+        table = self.manifest().pivot_table(
+            index="class", columns="split", values="path", aggfunc="count", fill_value=0
+        )
         return table.reindex(index=self.class_names, columns=[p for p in SPLITS if p in self.parts], fill_value=0)
 
     def skipped_frame(self) -> pd.DataFrame:
@@ -105,7 +115,9 @@ def _scan_with_classes(
     return [(path, remap[label]) for path, label in items], skipped
 
 
-def labelled_images(root: str | Path, class_names: list[str], progress: bool = True) -> tuple[list[Item], list[SkippedFile]]:
+def labelled_images(
+    root: str | Path, class_names: list[str], progress: bool = True
+) -> tuple[list[Item], list[SkippedFile]]:
     """Images of a class-per-subfolder tree labelled with a model's classes (for evaluation).
 
     A tree with `test/` (or else `val/`) subfolders is read from there.

@@ -106,7 +106,9 @@ def _bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def load_image_array(path: str | Path, size: int, resize: str = "squash", interpolation: str = "antialiased") -> np.ndarray:
+def load_image_array(
+    path: str | Path, size: int, resize: str = "squash", interpolation: str = "antialiased"
+) -> np.ndarray:
     """Decodes and resizes an image to a `(size, size, 3)` uint8 RGB array.
 
     Args:

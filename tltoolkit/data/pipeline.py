@@ -66,8 +66,15 @@ def readable_images():
         ) from None
 
 
-def epoch_stream(examples: tf.data.Dataset, size: int, batch_size: int, seed: int, stream: int = 0,
-                 first_epoch: int = 0, last_epoch: int = 1) -> tf.data.Dataset:
+def epoch_stream(
+    examples: tf.data.Dataset,
+    size: int,
+    batch_size: int,
+    seed: int,
+    stream: int = 0,
+    first_epoch: int = 0,
+    last_epoch: int = 1,
+) -> tf.data.Dataset:
     """Batches of epochs `first_epoch` to `last_epoch - 1`, one after another, each epoch's order a function of
     `(seed, stream, epoch)` alone.
 
@@ -129,8 +136,9 @@ class TrainingBatches:
         self._examples = _decoded(items, config)
 
     def epochs(self, stream: int = 0, first_epoch: int = 0, last_epoch: int = 1) -> tf.data.Dataset:
-        ds = epoch_stream(self._examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch,
-                          last_epoch)
+        ds = epoch_stream(
+            self._examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch, last_epoch
+        )
         ds = ds.map(_to_float(self.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
         augmenter = build_augmenter(self.config.augment, self.seed)
         if augmenter is not None:

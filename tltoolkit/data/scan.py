@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -133,7 +133,9 @@ def check_files(
         from keras.utils import Progbar
 
         reused = len(files) - len(todo)
-        _logger.info("Checking %d files%s", len(todo), f" ({reused} unchanged since the last scan)..." if reused else "...")
+        _logger.info(
+            "Checking %d files%s", len(todo), f" ({reused} unchanged since the last scan)..." if reused else "..."
+        )
         bar = Progbar(len(todo), unit_name="file")
 
     def check(path: Path) -> str | None:
@@ -250,7 +252,11 @@ def _distinct_files(
             first[real] = (path, label)
             continue
         other, other_label = first[real]
-        clash = f", which is class {names[other_label]!r}: one image cannot carry two labels" if other_label != label else ""
+        clash = (
+            f", which is class {names[other_label]!r}: one image cannot carry two labels"
+            if other_label != label
+            else ""
+        )
         skipped[index] = SkippedFile(str(path), f"the same file as {other} (through a link){clash}")
     kept = [item for index, item in enumerate(files) if index not in skipped]
     return kept, [skipped[index] for index in sorted(skipped)]

@@ -12,7 +12,9 @@ from tltoolkit.errors import DataError
 Item = tuple[str, int]
 
 
-def stratified_split(items: list[Item], fraction: float, seed: int, class_names: list[str]) -> tuple[list[Item], list[Item]]:
+def stratified_split(
+    items: list[Item], fraction: float, seed: int, class_names: list[str]
+) -> tuple[list[Item], list[Item]]:
     """Splits `(path, label)` pairs so each class keeps its share in both parts.
 
     Args:
