@@ -9,7 +9,7 @@ import tltoolkit
 from tltoolkit.data import prepare_data
 from tltoolkit.data.pipeline import TrainingBatches, image_dataset
 from tltoolkit.model import build_classifier
-from tltoolkit.recipe import load_recipe
+from tltoolkit.recipe import AugmentConfig, load_recipe
 from tltoolkit.stages import FeatureCache, FeatureSource, StageRun, fit_stage
 from tltoolkit.stages.features import cut_tensors
 from tltoolkit.stages.training import Training
@@ -62,6 +62,58 @@ def test_cached_features_train_the_same_head_as_the_frozen_backbone(image_folder
     np.testing.assert_allclose(fast_outcome.predict_val(), plain_outcome.predict_val(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("flip", ["horizontal", "horizontal_and_vertical"])
+def test_flip_aware_cache_trains_the_same_head_as_flipping_images(image_folder, flip):
+    """Features of every mirror image, each epoch's variant per image drawn as the image pipeline draws it."""
+    changes = {
+        "data": {"image_size": 32, "batch_size": 8, "val_split": 0.25, "augment": {"flip": flip}},
+        "head": {"dense": [16], "dropout": 0.0},
+        "stages": [{"name": "head", "epochs": 3, "optimizer": {"name": "adam", "learning_rate": 1e-2}}],
+    }
+    cache = FeatureCache()
+    plain, plain_outcome = train_head(image_folder, False, cache, **changes)
+    fast, fast_outcome = train_head(image_folder, True, cache, **changes)
+    assert fast_outcome.cached_above == "head" and plain_outcome.cached_above is None
+    variants = {"horizontal": 2, "horizontal_and_vertical": 4}[flip]
+    assert (
+        fast_outcome.input_path == f"on cached features below `head` ({variants} mirror images of each training "
+        "image, one drawn per epoch)"
+    )
+    features = next(iter(cache.entries.values()))
+    assert features["train"][0].shape[1] == variants, "features of each mirror image"
+    for name in ("head_dense0", "predictions"):
+        for a, b in zip(plain.get_layer(name).get_weights(), fast.get_layer(name).get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(plain_outcome.history["loss"], fast_outcome.history["loss"], rtol=1e-4)
+    unflipped, _ = train_head(
+        image_folder, True, FeatureCache(), **{**changes, "data": {**changes["data"], "augment": {}}}
+    )
+    assert not np.allclose(
+        unflipped.get_layer("predictions").get_weights()[0], fast.get_layer("predictions").get_weights()[0]
+    ), "the flips changed what trained"
+
+
+def test_flip_draws_are_uniform_and_a_resumed_stream_draws_the_same(image_folder):
+    from tltoolkit.data.pipeline import FLIP_VARIANTS, flip_variant
+
+    draws = np.array([int(flip_variant(42, 1, epoch, i, 4)) for epoch in range(5) for i in range(200)])
+    assert sorted(set(draws)) == [0, 1, 2, 3] and abs(np.mean(draws == 0) - 0.25) < 0.05
+    assert int(flip_variant(42, 1, 3, 17, 2)) == int(flip_variant(42, 1, 3, 17, 2)), "a function of its inputs"
+    recipe = load_recipe(tiny_recipe(data={"image_size": 32, "batch_size": 4, "augment": {"flip": "horizontal"}}))
+    folder = prepare_data(image_folder, recipe.data.val_split, recipe.seed, progress=False)
+    batches = TrainingBatches(folder.parts["train"], 3, recipe.data, seed=recipe.seed)
+    whole = [x.numpy() for x, _ in batches.epochs(stream=1, first_epoch=0, last_epoch=3)]
+    resumed = [x.numpy() for x, _ in batches.epochs(stream=1, first_epoch=2, last_epoch=3)]
+    per_epoch = batches.steps_per_epoch
+    for a, b in zip(whole[2 * per_epoch :], resumed):
+        np.testing.assert_array_equal(a, b)
+    plain_data = recipe.data.model_copy(update={"augment": AugmentConfig()})
+    plain = TrainingBatches(folder.parts["train"], 3, plain_data, seed=recipe.seed).epochs(stream=1)
+    shown = np.concatenate(whole[:per_epoch])
+    mirrored = [np.array_equal(x[:, ::-1], y) for x, y in zip(np.concatenate([x.numpy() for x, _ in plain]), shown)]
+    assert 0 < sum(mirrored) < len(mirrored) and FLIP_VARIANTS["horizontal"] == 2, "some images mirrored, not all"
+
+
 def test_cache_is_shared_and_invalidated_by_weights_data_and_augmentation(image_folder):
     cache = FeatureCache()
     recipe = load_recipe(tiny_recipe())
@@ -85,10 +137,13 @@ def test_cache_is_shared_and_invalidated_by_weights_data_and_augmentation(image_
     source.inputs(model, backbone, frozen, verbose=False)
     assert cache.misses == 3
 
-    augmented = load_recipe(tiny_recipe(data={"image_size": 32, "augment": {"flip": "horizontal"}}))
+    augmented = load_recipe(tiny_recipe(data={"image_size": 32, "augment": {"flip": "horizontal", "zoom": 0.1}}))
     blocked = FeatureSource(folder.parts, 3, augmented.data, 0, "none", cache)
     assert blocked.inputs(model, backbone, frozen, verbose=False) is None
-    assert "augmentation" in blocked.usable(frozen)
+    assert blocked.usable(frozen).startswith("augmentation (zoom) runs before the frozen layers")
+    flipped = load_recipe(tiny_recipe(data={"image_size": 32, "augment": {"flip": "horizontal"}}))
+    mirrored = FeatureSource(folder.parts, 3, flipped.data, recipe.seed, "none", cache)
+    assert mirrored.inputs(model, backbone, frozen, verbose=False) is not None and cache.misses == 4, "flips: cached"
     assert source.usable(0) == "nothing is frozen"
     off = load_recipe(tiny_recipe(data={"image_size": 32, "feature_cache": False}))
     assert "feature_cache" in FeatureSource(folder.parts, 3, off.data, 0).usable(frozen)
@@ -113,4 +168,6 @@ def test_run_uses_the_cache_for_the_head_stage_and_logs_it(image_folder):
 
     params = {stage: MlflowClient().get_run(rid).data.params for stage, rid in result.stage_runs.items()}
     assert params["head"]["feature_cache"] == "head"
+    assert params["head"]["input_path"] == "on cached features below `head`"
     assert params["finetune"]["feature_cache"] == "off"
+    assert params["finetune"]["input_path"] == "through the backbone (nothing is frozen)"

@@ -14,16 +14,18 @@ from tltoolkit.data.split import Item
 from tltoolkit.errors import DataError
 from tltoolkit.recipe import AugmentConfig, DataConfig
 
+# How many mirror images each `augment.flip` gives: the finite augmentation the feature cache can serve.
+FLIP_VARIANTS = {"none": 1, "horizontal": 2, "vertical": 2, "horizontal_and_vertical": 4}
+
 
 def build_augmenter(augment: AugmentConfig, seed: int):
-    """The recipe's augmentation as a `keras.Sequential` of random preprocessing layers, or `None` if off."""
-    if not augment.enabled:
+    """The recipe's continuous augmentation (rotation, zoom, translation, contrast) as a `keras.Sequential` of random
+    preprocessing layers, or `None` without any. Flips are drawn per image and epoch by `flip_variant` instead."""
+    if not (augment.rotation or augment.zoom or augment.translation or augment.contrast):
         return None
     import keras
 
     layers = []
-    if augment.flip != "none":
-        layers.append(keras.layers.RandomFlip(augment.flip, seed=seed))
     if augment.rotation:
         layers.append(keras.layers.RandomRotation(augment.rotation, seed=seed + 1))
     if augment.zoom:
@@ -33,6 +35,34 @@ def build_augmenter(augment: AugmentConfig, seed: int):
     if augment.contrast:
         layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), seed=seed + 4))
     return keras.Sequential(layers, name="augmentation")
+
+
+def flip_variant(seed: int, stream: int, epoch, index, variants: int) -> tf.Tensor:
+    """Which of `variants` mirror images example `index` shows in `epoch`: uniform, and a function of
+    `(seed, stream, epoch, index)` alone (a stateless draw), so the image pipeline and the feature cache draw the same
+    variants, and a resumed training draws what the uninterrupted one would have."""
+    key = tf.stack(
+        [
+            tf.constant((seed * 7_919 + stream * 104_729 + 1) % 2**31, tf.int64),
+            tf.cast(epoch, tf.int64) * 2**32 + tf.cast(index, tf.int64),
+        ]
+    )
+    return tf.random.stateless_uniform([], seed=key, minval=0, maxval=variants, dtype=tf.int32)
+
+
+def mirror(image: tf.Tensor, variant, flip: str) -> tf.Tensor:
+    """`image` (height, width, channels) as mirror variant `variant` of `flip`: 0 is the image itself; with
+    `horizontal` 1 mirrors left-right, with `vertical` 1 mirrors up-down; with both, bit 0 is left-right, bit 1
+    up-down (as Keras's `RandomFlip` modes)."""
+    left_right = flip in ("horizontal", "horizontal_and_vertical") and variant % 2 == 1
+    up_down = (flip == "vertical" and variant == 1) or (flip == "horizontal_and_vertical" and variant >= 2)
+    image = tf.where(left_right, tf.reverse(image, [1]), image) if flip != "vertical" else image
+    return tf.where(up_down, tf.reverse(image, [0]), image) if flip != "horizontal" else image
+
+
+def mirrors(image: tf.Tensor, flip: str) -> tf.Tensor:
+    """Every mirror variant of `image`, stacked: `(FLIP_VARIANTS[flip], height, width, channels)`."""
+    return tf.stack([mirror(image, v, flip) for v in range(FLIP_VARIANTS[flip])])
 
 
 def _decode(size: int, resize: str, interpolation: str):
@@ -74,6 +104,7 @@ def epoch_stream(
     stream: int = 0,
     first_epoch: int = 0,
     last_epoch: int = 1,
+    per_example=None,
 ) -> tf.data.Dataset:
     """Batches of epochs `first_epoch` to `last_epoch - 1`, one after another, each epoch's order a function of
     `(seed, stream, epoch)` alone.
@@ -91,13 +122,17 @@ def epoch_stream(
         stream: Separates streams that share a seed (one per stage), so stages do not repeat each other's orders.
         first_epoch: The epoch to start at.
         last_epoch: One past the last epoch.
+        per_example: `epoch -> function` mapped over each epoch's shuffled examples before batching (the flips).
     """
     base = (seed * 1_000_003 + stream * 10_007) % 2**31
     if last_epoch <= first_epoch:
         return examples.batch(batch_size).take(0)
 
     def one_epoch(epoch):
-        return examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False).batch(batch_size)
+        shuffled = examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False)
+        if per_example is not None:
+            shuffled = shuffled.map(per_example(epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return shuffled.batch(batch_size)
 
     if tf.compat.v1.get_seed(1)[0] % (2**31 - 1) == 0:
         # A global seed of 0 makes TensorFlow compare the op seed in Python (`random_seed.get_seed`), which a tensor
@@ -136,14 +171,31 @@ class TrainingBatches:
         self._examples = _decoded(items, config)
 
     def epochs(self, stream: int = 0, first_epoch: int = 0, last_epoch: int = 1) -> tf.data.Dataset:
+        examples, flip = self._examples, self.config.augment.flip
+        per_example = None
+        if flip != "none":
+            examples = tf.data.Dataset.zip(examples, tf.data.Dataset.range(len(self.items)))
+            per_example = flipped(self.seed, stream, flip, lambda example, v: (mirror(example[0], v, flip), example[1]))
         ds = epoch_stream(
-            self._examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch, last_epoch
+            examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch, last_epoch, per_example
         )
         ds = ds.map(_to_float(self.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
         augmenter = build_augmenter(self.config.augment, self.seed)
         if augmenter is not None:
             ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def flipped(seed: int, stream: int, flip: str, choose):
+    """The `per_example` of `epoch_stream` for examples `(example, index)`: `choose(example, variant)` with the mirror
+    variant `flip_variant` draws for that example in that epoch. The image pipeline mirrors the pixels; the feature
+    cache picks the features it computed from that mirror image."""
+    variants = FLIP_VARIANTS[flip]
+
+    def per_example(epoch):
+        return lambda example, index: choose(example, flip_variant(seed, stream, epoch, index, variants))
+
+    return per_example
 
 
 def _decoded(items: list[Item], config: DataConfig) -> tf.data.Dataset:

@@ -91,8 +91,9 @@ class DataConfig(_Section):
     cache: bool = Field(True, description="Keep decoded, resized images in memory after the first epoch.")
     feature_cache: bool = Field(
         True,
-        description="A stage that trains only above a frozen prefix, with no augmentation, trains on the prefix's "
-        "outputs computed once instead of running the frozen layers every epoch (same result, much faster).",
+        description="A stage that trains only above a frozen prefix, with no augmentation but flips, trains on the "
+        "prefix's outputs computed once (once per mirror image with `augment.flip`) instead of running the frozen "
+        "layers every epoch (same result, much faster). Rotation, zoom, contrast or translation turn it off.",
     )
     augment: AugmentConfig = Field(AugmentConfig(), description="Random changes to training images (never to scoring).")
 

@@ -23,12 +23,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tltoolkit.data.pipeline import FLIP_VARIANTS, epoch_stream, flipped, image_dataset, mirrors, readable_images
 from tltoolkit.data.split import Item
 from tltoolkit.model import apply_head, layer_output, run_subgraph
 from tltoolkit.recipe import DataConfig
 
 _logger = logging.getLogger(__name__)
 
+# Augmentations with a new image every epoch: a stage with any of them trains through the backbone.
+CONTINUOUS = ("rotation", "zoom", "contrast", "translation")
 # Above this many bytes of features, train through the backbone instead (a note says so).
 MAX_BYTES = int(float(os.environ.get("TLTOOLKIT_FEATURE_CACHE_MAX_GB", "4")) * 2**30)
 
@@ -142,9 +145,16 @@ class FeatureSource:
             return "data.feature_cache is off"
         if frozen == 0:
             return "nothing is frozen"
-        if self.data.augment.enabled:
-            return "augmentation runs before the frozen layers"
+        augment = self.data.augment
+        continuous = [name for name in CONTINUOUS if getattr(augment, name)]
+        if continuous:
+            return f"augmentation ({', '.join(continuous)}) runs before the frozen layers, a new image every epoch"
         return None
+
+    @property
+    def variants(self) -> int:
+        """Feature sets per training image: one per mirror image the recipe's `augment.flip` can show."""
+        return FLIP_VARIANTS[self.data.augment.flip]
 
     def inputs(
         self,
@@ -171,6 +181,7 @@ class FeatureSource:
         cached = cut + [t for t in (layer_output(backbone, tap) for tap in below) if not any(t is c for c in cut)]
         if not self._fits(cached):
             return None
+        flip = self.data.augment.flip
         key = (
             data_digest(self.parts["train"]),
             data_digest(self.parts["val"]),
@@ -182,12 +193,13 @@ class FeatureSource:
             self.data.interpolation,
             frozen,
             tuple(below),
+            flip,
         )
         above = "head" if whole else backbone.layers[frozen].name
         features = self.cache.get(key, lambda: self._compute(backbone, cached, above, verbose))
         top = _top_model(model, backbone, (cut, cached), frozen, list(auxiliary))
         train = _feature_dataset(
-            features["train"], self.parts["train"], self.num_classes, self.data.batch_size, (self.seed, *epochs)
+            features["train"], self.parts["train"], self.num_classes, self.data.batch_size, (self.seed, *epochs), flip
         )
         val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
         return CachedInputs(top, train, val, above)
@@ -195,7 +207,7 @@ class FeatureSource:
     def _fits(self, cached: list) -> bool:
         """Whether the features of every train and val image fit under `MAX_BYTES` (else a note says so)."""
         per_image = sum(int(np.prod(t.shape[1:])) * 4 for t in cached)
-        total = per_image * sum(len(self.parts[p]) for p in ("train", "val"))
+        total = per_image * (len(self.parts["train"]) * self.variants + len(self.parts["val"]))
         if total > MAX_BYTES:
             _logger.info(
                 "Feature cache: %.1f GiB of features at this cut exceed the %.0f GiB limit "
@@ -207,17 +219,30 @@ class FeatureSource:
 
     def _compute(self, backbone: keras.Model, cached: list, above: str, verbose: bool) -> dict:
         extractor = keras.Model(backbone.inputs, cached, name=f"{backbone.name}_prefix")
-        train, val = self.parts["train"], self.parts["val"]
-        what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
-        outputs = extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
-        return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
+        train, val, variants = self.parts["train"], self.parts["val"], self.variants
+        if variants == 1:
+            what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
+            outputs = extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
+            return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
+        flip = self.data.augment.flip
+        what = f"{len(train)} train images x {variants} mirror images ({flip} flips) below `{above}`"
+        outputs = extract(extractor, train, self.data, what, verbose, flip)
+        what = f"{len(val)} val images below `{above}`"
+        return {
+            "train": tuple(o.reshape(len(train), variants, *o.shape[1:]) for o in outputs),
+            "val": extract(extractor, val, self.data, what, verbose),
+        }
 
 
-def extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool):
-    """Runs `extractor` over `items` in file order (compiled, as `predict`), with progress; one array per cut tensor."""
-    from tltoolkit.data.pipeline import image_dataset, readable_images
-
+def extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool, flip: str = "none"):
+    """Runs `extractor` over `items` in file order (compiled, as `predict`), with progress; one array per cut tensor.
+    With `flip`, over every mirror variant of each image in turn (image 0's variants, then image 1's...)."""
     ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
+    if flip != "none":
+        items = [item for item in items for _ in range(FLIP_VARIANTS[flip])]  # One per variant, in order.
+        ds = ds.unbatch().flat_map(lambda x: tf.data.Dataset.from_tensor_slices(mirrors(x, flip)))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(len(items)))  # So `predict` knows where it ends.
+        ds = ds.batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
     if verbose:
         _logger.info("Computing the frozen layers' outputs for %s (once)...", what)
     tty = bool(verbose) and sys.stdout.isatty()
@@ -245,15 +270,27 @@ class _Progress(keras.callbacks.Callback):
             _logger.info("  %d/%d images, %.1f images/s", done, self.total, done / max(now - self.started, 1e-9))
 
 
-def _feature_dataset(features, items: list[Item], num_classes: int, batch_size: int, epochs: tuple | None = None):
+def _feature_dataset(
+    features, items: list[Item], num_classes: int, batch_size: int, epochs: tuple | None = None, flip: str = "none"
+):
     """Batches of `(features, one-hot labels)`: with `epochs` = `(seed, stream, first_epoch, last_epoch)`, the
-    shuffled epochs of `epoch_stream`, in the very order of the image stream; else one pass in file order."""
-    from tltoolkit.data.pipeline import epoch_stream
-
+    shuffled epochs of `epoch_stream`, in the very order of the image stream, each image's features those of the
+    mirror variant the image stream shows it as (`flip`: features hold every variant, `(images, variants, ...)`);
+    else one pass in file order."""
     labels = np.array([label for _, label in items], dtype=np.int32)
     x = features[0] if len(features) == 1 else tuple(features)
     ds = tf.data.Dataset.from_tensor_slices((x, labels))
-    ds = epoch_stream(ds, len(items), batch_size, *epochs) if epochs is not None else ds.batch(batch_size)
+    if epochs is None:
+        ds = ds.batch(batch_size)
+    elif flip == "none":
+        ds = epoch_stream(ds, len(items), batch_size, *epochs)
+    else:
+        seed, stream = epochs[:2]
+        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(len(items)))
+        pick = flipped(
+            seed, stream, flip, lambda example, v: (tf.nest.map_structure(lambda f: f[v], example[0]), example[1])
+        )
+        ds = epoch_stream(ds, len(items), batch_size, *epochs, per_example=pick)
     return ds.map(lambda f, y: (f, tf.one_hot(y, num_classes))).prefetch(tf.data.AUTOTUNE)
 
 

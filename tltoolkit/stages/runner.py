@@ -46,6 +46,7 @@ class ClassifierOutcome:
     cached_above: str | None = None  # Trained on cached features above this layer ("head": whole backbone frozen).
     eval_model: keras.Model | None = None  # Scores `eval_data` (the top model on cached features, else the classifier).
     eval_data: object = None  # Validation batches for `eval_model`, in file order.
+    input_path: str = ""  # What the stage trained on and why ("on cached features below ...", "through the ...").
 
     def predict_val(self) -> np.ndarray:
         """Validation probabilities of the trained model, in file order (through the cache when it was used)."""
@@ -86,9 +87,20 @@ def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
         epochs = (run.stream, *run.epochs())
         cached = features.inputs(training.model, backbone, frozen, epochs, run.verbose != 0, taps) if features else None
         fit = _cached(training, run, cached) if cached else _plain(training, run)
+        fit.note = _input_path(features, frozen, cached)
         if supervision is not None:
             fit = _supervised(training, run, fit)
     return _fit(training, run, summary, fit)
+
+
+def _input_path(features, frozen: int, cached) -> str:
+    """What the stage trains on and why, for its log line and the stage run's `input_path` param."""
+    if cached is not None:
+        mirrors = features.variants
+        extra = f" ({mirrors} mirror images of each training image, one drawn per epoch)" if mirrors > 1 else ""
+        return f"on cached features below `{cached.cut}`{extra}"
+    reason = features.usable(frozen) if features is not None else "data.feature_cache is off"
+    return f"through the backbone ({reason or 'its features exceed TLTOOLKIT_FEATURE_CACHE_MAX_GB'})"
 
 
 def _plain(training: Training, run: StageRun) -> _Fit:
@@ -124,7 +136,6 @@ def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
         scorer,
         cached.val,
         training.class_weight,
-        note=f", on cached features below `{cached.cut}`",
         cached_above=cached.cut,
     )
 
@@ -156,7 +167,8 @@ def _joint(training: Training, run: StageRun) -> _Fit:
     )
     outputs = [tensor._keras_history.operation.name.split("/")[0] for tensor in joint.model.outputs]
     val = training.eval["val"]
-    note = f", with reconstruction (weight {joint.weight_at(run.epoch_offset):g} decaying {joint.config.joint_decay})"
+    weight = f"weight {joint.weight_at(run.epoch_offset):g} decaying {joint.config.joint_decay}"
+    note = f"through the backbone, with reconstruction ({weight})"
     return _Fit(
         joint.model,
         joint.with_targets(joint.train.epochs(run.stream, *first_last)),
@@ -187,7 +199,7 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     callbacks = [diverged, *fit.leading, EpochRows(rows), *([stopper] if stopper else [])]
     if run.checkpoints is not None:
         callbacks.append(CheckpointCallback(run.checkpoints, training.checkpoint_model, run.state, rows, stopper))
-    _describe(training, run, summary, fit.note)
+    _describe(training, run, summary, f", {fit.note}" if fit.note else "")
     with readable_images():
         fit.model.fit(
             fit.train,
@@ -202,7 +214,7 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
         )
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
-    return ClassifierOutcome(history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data)
+    return ClassifierOutcome(history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data, fit.note)
 
 
 def _early_stopping(run: StageRun) -> ResumableEarlyStopping | None:

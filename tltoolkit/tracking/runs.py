@@ -284,6 +284,7 @@ class RunTracker(TrainingHooks):
                 "trainable_backbone_layers": fit.trainable.trainable_layers,
                 "trainable_params": fit.trainable.trainable_params,
                 "feature_cache": fit.cached_above or "off",
+                "input_path": fit.input_path,
             },
         )
         summary = {"wall_s": outcome.wall_s, "epochs_run": len(fit.history)}
