@@ -764,6 +764,147 @@ def search_scale(args) -> tuple[list[dict], dict]:
     return rows, figures
 
 
+def _head_stage(data: Path, seed: int, feature_cache: bool, uri: str) -> dict:
+    """The head stage of recipes/mobilenet_v2.yaml (horizontal flips) alone at `seed`: its wall time and val
+    accuracy, on the flip-aware feature cache or through the backbone (the same flips either way)."""
+    import tltoolkit
+    from tltoolkit.recipe import load_recipe
+
+    recipe = load_recipe(
+        REPO / "recipes" / "mobilenet_v2.yaml",
+        [f"seed={seed}", f"data.feature_cache={str(feature_cache).lower()}", "tracking.log_model=false"],
+    )
+    recipe = recipe.model_copy(update={"stages": recipe.stages[:1]})
+    result = tltoolkit.run(recipe, data, tracking_uri=uri, experiment="bench-speed", verbose=0)
+    from mlflow import MlflowClient
+
+    stage = MlflowClient(uri).get_run(result.stage_runs["head"])
+    return {
+        "wall_s": stage.data.metrics["wall_s"],
+        "val_accuracy": stage.data.metrics["final_val_accuracy"],
+        "input_path": stage.data.params["input_path"],
+    }
+
+
+def _speed_heads(data: Path, uri: str) -> tuple[list[dict], dict]:
+    import numpy as np
+
+    rows = []
+    for seed in (42, 43, 44):
+        for cached in (True, False):
+            row = _head_stage(data, seed, cached, uri)
+            rows.append(
+                {
+                    "what": "head stage, " + ("flip-aware cache" if cached else "through the backbone"),
+                    "seed": seed,
+                    "wall_s": round(row["wall_s"], 1),
+                    "val_accuracy": round(row["val_accuracy"], 4),
+                }
+            )
+    cached = [r for r in rows if "cache" in r["what"]]
+    plain = [r for r in rows if "cache" not in r["what"]]
+    speedups = [p["wall_s"] / c["wall_s"] for c, p in zip(cached, plain)]
+    figures = {
+        "head_flip_cache_speedup": round(float(np.median(speedups)), 2),
+        "head_flip_cache_speedups": [round(x, 2) for x in speedups],
+        "head_accuracy_delta": round(
+            float(np.mean([c["val_accuracy"] - p["val_accuracy"] for c, p in zip(cached, plain)])), 4
+        ),
+        "head_val_accuracy_cached": round(float(np.mean([c["val_accuracy"] for c in cached])), 4),
+        "head_val_accuracy_plain": round(float(np.mean([p["val_accuracy"] for p in plain])), 4),
+    }
+    return rows, figures
+
+
+def _speed_finetune(data: Path, uri: str) -> tuple[list[dict], dict]:
+    """The shipped recipe's fine-tune stage (images/s over its epochs, validation included) against the limit: the
+    same model's train step on one batch already in memory."""
+    import keras
+    import numpy as np
+
+    import tltoolkit
+    from tltoolkit.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "mobilenet_v2.yaml", ["tracking.log_model=false"])
+    result = tltoolkit.run(recipe, data, tracking_uri=uri, experiment="bench-speed", verbose=0)
+    from mlflow import MlflowClient
+
+    stage = MlflowClient(uri).get_run(result.stage_runs["finetune"])
+    epochs = int(stage.data.metrics["epochs_run"])
+    train_images = int(
+        stage.data.params.get("images.train") or MlflowClient(uri).get_run(result.run_id).data.params["images.train"]
+    )
+    fed = epochs * train_images / stage.data.metrics["wall_s"]
+    model = result.model
+    keras.utils.set_random_seed(0)
+    size, batch = recipe.data.image_size, recipe.data.batch_size
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    labels = keras.utils.to_categorical(rng.integers(0, 2, batch), 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="categorical_crossentropy")
+    limit = _train_rate(model, images, labels, steps=10)
+    rows = [
+        {"what": "fine-tune stage (5 epochs, with validation)", "images_per_s": round(fed, 1)},
+        {"what": "limit: train step on a batch in memory", "images_per_s": round(limit, 1)},
+    ]
+    figures = {
+        "finetune_images_per_s": round(fed, 1),
+        "finetune_limit_images_per_s": round(limit, 1),
+        "finetune_fraction_of_limit": round(fed / limit, 3),
+    }
+    return rows, figures, result
+
+
+def _speed_predict(data: Path, result, workdir: Path) -> tuple[list[dict], dict]:
+    """`tltoolkit.predict` on the image folder (model loading included) against the forward pass of the same model
+    on the same images already in memory."""
+    import tltoolkit
+    from tltoolkit.data import image_files
+    from tltoolkit.data.pipeline import resized_images
+    from tltoolkit.recipe import load_recipe
+
+    keras_file = workdir / "speed.keras"
+    result.model.save(keras_file)
+    paths = image_files([data], progress=False).images
+    tltoolkit.predict(keras_file, [paths[0]], output=workdir / "warm.csv")  # Imports and first traces, not timed.
+    started = time.perf_counter()
+    tltoolkit.predict(keras_file, [data], output=workdir / "predictions.csv")
+    predict_rate = len(paths) / (time.perf_counter() - started)
+    images = resized_images(paths, load_recipe(REPO / "recipes" / "mobilenet_v2.yaml").data).astype("float32")
+    result.model.predict(images[:32], verbose=0)
+    started = time.perf_counter()
+    result.model.predict(images, batch_size=32, verbose=0)
+    forward = len(paths) / (time.perf_counter() - started)
+    rows = [
+        {"what": f"tltoolkit.predict on {len(paths)} image files", "images_per_s": round(predict_rate, 1)},
+        {"what": "forward pass on the same images in memory", "images_per_s": round(forward, 1)},
+    ]
+    return rows, {
+        "predict_images_per_s": round(predict_rate, 1),
+        "forward_images_per_s": round(forward, 1),
+        "predict_fraction_of_forward": round(predict_rate / forward, 3),
+    }
+
+
+@benchmark
+def speed(args) -> tuple[list[dict], dict]:
+    """recipes/mobilenet_v2.yaml on ants vs bees: the head stage (horizontal flips) on the flip-aware feature cache
+    vs through the backbone, seeds 42-44 (speedup: median of the three); the fine-tune stage's images/s against the
+    train-step limit; `tltoolkit.predict` on the folder against the forward pass on the same images in memory."""
+    data = Path(args.data or HYMENOPTERA)
+    workdir = Path(args.workdir)
+    uri = args.tracking_uri or f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    _warm_imports(uri)
+    rows, figures = _speed_heads(data, uri)
+    more, numbers, result = _speed_finetune(data, uri)
+    rows += more
+    figures.update(numbers)
+    more, numbers = _speed_predict(data / "val", result, workdir)
+    rows += more
+    figures.update(numbers)
+    return rows, figures
+
+
 def _train_rate(model, images, labels, steps: int) -> float:
     """Images per second of `model.fit` on batches in memory, after one warm-up epoch (tracing, autotuning)."""
     import tensorflow as tf

@@ -3,6 +3,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import tiny_recipe
 
 import tltoolkit
@@ -94,11 +95,18 @@ def test_flip_aware_cache_trains_the_same_head_as_flipping_images(image_folder, 
 
 
 def test_flip_draws_are_uniform_and_a_resumed_stream_draws_the_same(image_folder):
-    from tltoolkit.data.pipeline import FLIP_VARIANTS, flip_variant
+    from tltoolkit.data.pipeline import FLIP_VARIANTS, flip_variant, mirror
 
     draws = np.array([int(flip_variant(42, 1, epoch, i, 4)) for epoch in range(5) for i in range(200)])
     assert sorted(set(draws)) == [0, 1, 2, 3] and abs(np.mean(draws == 0) - 0.25) < 0.05
     assert int(flip_variant(42, 1, 3, 17, 2)) == int(flip_variant(42, 1, 3, 17, 2)), "a function of its inputs"
+    image = tf.reshape(tf.range(12), (2, 2, 3))
+    flips = {"horizontal": [[1]], "vertical": [[0]], "horizontal_and_vertical": [[1], [0], [1, 0]]}
+    for flip, axes in flips.items():
+        shown = tf.function(lambda v, flip=flip: mirror(image, v, flip))  # As tf.data runs it: in a graph.
+        np.testing.assert_array_equal(shown(tf.constant(0)), image)
+        for variant, axis in enumerate(axes, start=1):
+            np.testing.assert_array_equal(shown(tf.constant(variant)), tf.reverse(image, axis), err_msg=flip)
     recipe = load_recipe(tiny_recipe(data={"image_size": 32, "batch_size": 4, "augment": {"flip": "horizontal"}}))
     folder = prepare_data(image_folder, recipe.data.val_split, recipe.seed, progress=False)
     batches = TrainingBatches(folder.parts["train"], 3, recipe.data, seed=recipe.seed)

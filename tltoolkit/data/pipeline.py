@@ -54,10 +54,13 @@ def mirror(image: tf.Tensor, variant, flip: str) -> tf.Tensor:
     """`image` (height, width, channels) as mirror variant `variant` of `flip`: 0 is the image itself; with
     `horizontal` 1 mirrors left-right, with `vertical` 1 mirrors up-down; with both, bit 0 is left-right, bit 1
     up-down (as Keras's `RandomFlip` modes)."""
-    left_right = flip in ("horizontal", "horizontal_and_vertical") and variant % 2 == 1
-    up_down = (flip == "vertical" and variant == 1) or (flip == "horizontal_and_vertical" and variant >= 2)
-    image = tf.where(left_right, tf.reverse(image, [1]), image) if flip != "vertical" else image
-    return tf.where(up_down, tf.reverse(image, [0]), image) if flip != "horizontal" else image
+    if flip in ("horizontal", "horizontal_and_vertical"):
+        image = tf.where(tf.equal(variant % 2, 1), tf.reverse(image, [1]), image)
+    if flip == "vertical":
+        image = tf.where(tf.equal(variant, 1), tf.reverse(image, [0]), image)
+    if flip == "horizontal_and_vertical":
+        image = tf.where(variant >= 2, tf.reverse(image, [0]), image)
+    return image
 
 
 def mirrors(image: tf.Tensor, flip: str) -> tf.Tensor:
