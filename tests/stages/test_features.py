@@ -94,12 +94,33 @@ def test_flip_aware_cache_trains_the_same_head_as_flipping_images(image_folder, 
     ), "the flips changed what trained"
 
 
-def test_flip_draws_are_uniform_and_a_resumed_stream_draws_the_same(image_folder):
-    from tltoolkit.data.pipeline import FLIP_VARIANTS, flip_variant, mirror
+def test_continuous_augmentation_is_cached_as_k_copies_only_when_asked(image_folder):
+    augment = {"flip": "horizontal", "rotation": 0.1}
+    changes = {
+        "data": {"image_size": 32, "batch_size": 8, "val_split": 0.25, "augment": augment},
+        "stages": [{"name": "head", "epochs": 2, "optimizer": {"learning_rate": 1e-2}}],
+    }
+    _, plain = train_head(image_folder, True, FeatureCache(), **changes)
+    assert plain.cached_above is None and "data.feature_cache_copies: K" in plain.input_path
+    cache = FeatureCache()
+    changes["data"]["feature_cache_copies"] = 3
+    _, copied = train_head(image_folder, True, cache, **changes)
+    assert copied.cached_above == "head"
+    assert copied.input_path == (
+        "on cached features below `head` (3 augmented copies (data.feature_cache_copies, an approximation) of each "
+        "training image, one drawn per epoch)"
+    )
+    train = next(iter(cache.entries.values()))["train"][0]
+    assert train.shape[1] == 3 and not np.allclose(train[:, 0], train[:, 1]), "three different copies of each image"
+    assert np.isfinite(copied.history["loss"]).all()
 
-    draws = np.array([int(flip_variant(42, 1, epoch, i, 4)) for epoch in range(5) for i in range(200)])
+
+def test_flip_draws_are_uniform_and_a_resumed_stream_draws_the_same(image_folder):
+    from tltoolkit.data.pipeline import FLIP_VARIANTS, draw_variant, mirror
+
+    draws = np.array([int(draw_variant(42, 1, epoch, i, 4)) for epoch in range(5) for i in range(200)])
     assert sorted(set(draws)) == [0, 1, 2, 3] and abs(np.mean(draws == 0) - 0.25) < 0.05
-    assert int(flip_variant(42, 1, 3, 17, 2)) == int(flip_variant(42, 1, 3, 17, 2)), "a function of its inputs"
+    assert int(draw_variant(42, 1, 3, 17, 2)) == int(draw_variant(42, 1, 3, 17, 2)), "a function of its inputs"
     image = tf.reshape(tf.range(12), (2, 2, 3))
     flips = {"horizontal": [[1]], "vertical": [[0]], "horizontal_and_vertical": [[1], [0], [1, 0]]}
     for flip, axes in flips.items():

@@ -20,7 +20,7 @@ FLIP_VARIANTS = {"none": 1, "horizontal": 2, "vertical": 2, "horizontal_and_vert
 
 def build_augmenter(augment: AugmentConfig, seed: int):
     """The recipe's continuous augmentation (rotation, zoom, translation, contrast) as a `keras.Sequential` of random
-    preprocessing layers, or `None` without any. Flips are drawn per image and epoch by `flip_variant` instead."""
+    preprocessing layers, or `None` without any. Flips are drawn per image and epoch by `draw_variant` instead."""
     if not (augment.rotation or augment.zoom or augment.translation or augment.contrast):
         return None
     import keras
@@ -37,10 +37,11 @@ def build_augmenter(augment: AugmentConfig, seed: int):
     return keras.Sequential(layers, name="augmentation")
 
 
-def flip_variant(seed: int, stream: int, epoch, index, variants: int) -> tf.Tensor:
-    """Which of `variants` mirror images example `index` shows in `epoch`: uniform, and a function of
-    `(seed, stream, epoch, index)` alone (a stateless draw), so the image pipeline and the feature cache draw the same
-    variants, and a resumed training draws what the uninterrupted one would have."""
+def draw_variant(seed: int, stream: int, epoch, index, variants: int) -> tf.Tensor:
+    """Which of `variants` versions of example `index` (its mirror images; or the feature cache's augmented copies)
+    the example shows in `epoch`: uniform, and a function of `(seed, stream, epoch, index)` alone (a stateless draw),
+    so the image pipeline and the feature cache draw the same, and a resumed training draws what the uninterrupted
+    one would have."""
     key = tf.stack(
         [
             tf.constant((seed * 7_919 + stream * 104_729 + 1) % 2**31, tf.int64),
@@ -178,7 +179,9 @@ class TrainingBatches:
         per_example = None
         if flip != "none":
             examples = tf.data.Dataset.zip(examples, tf.data.Dataset.range(len(self.items)))
-            per_example = flipped(self.seed, stream, flip, lambda example, v: (mirror(example[0], v, flip), example[1]))
+            per_example = drawn(
+                self.seed, stream, FLIP_VARIANTS[flip], lambda example, v: (mirror(example[0], v, flip), example[1])
+            )
         ds = epoch_stream(
             examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch, last_epoch, per_example
         )
@@ -189,14 +192,13 @@ class TrainingBatches:
         return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def flipped(seed: int, stream: int, flip: str, choose):
-    """The `per_example` of `epoch_stream` for examples `(example, index)`: `choose(example, variant)` with the mirror
-    variant `flip_variant` draws for that example in that epoch. The image pipeline mirrors the pixels; the feature
-    cache picks the features it computed from that mirror image."""
-    variants = FLIP_VARIANTS[flip]
+def drawn(seed: int, stream: int, variants: int, choose):
+    """The `per_example` of `epoch_stream` for examples `(example, index)`: `choose(example, variant)` with the
+    variant `draw_variant` draws for that example in that epoch. The image pipeline mirrors the pixels; the feature
+    cache picks the features it computed from that version of the image."""
 
     def per_example(epoch):
-        return lambda example, index: choose(example, flip_variant(seed, stream, epoch, index, variants))
+        return lambda example, index: choose(example, draw_variant(seed, stream, epoch, index, variants))
 
     return per_example
 

@@ -95,6 +95,14 @@ class DataConfig(_Section):
         "prefix's outputs computed once (once per mirror image with `augment.flip`) instead of running the frozen "
         "layers every epoch (same result, much faster). Rotation, zoom, contrast or translation turn it off.",
     )
+    feature_cache_copies: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="With rotation, zoom, contrast or translation: cache K augmented copies of each training image "
+        "(each epoch draws one per image) instead of training through the frozen layers. An approximation: K fixed "
+        "copies, not a new image every epoch. 0 (default) keeps training through the backbone.",
+    )
     augment: AugmentConfig = Field(AugmentConfig(), description="Random changes to training images (never to scoring).")
 
 

@@ -23,7 +23,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tltoolkit.data.pipeline import FLIP_VARIANTS, epoch_stream, flipped, image_dataset, mirrors, readable_images
+from tltoolkit.data.pipeline import (
+    FLIP_VARIANTS,
+    build_augmenter,
+    draw_variant,
+    drawn,
+    epoch_stream,
+    image_dataset,
+    mirror,
+    mirrors,
+    readable_images,
+)
 from tltoolkit.data.split import Item
 from tltoolkit.model import apply_head, layer_output, run_subgraph
 from tltoolkit.recipe import DataConfig
@@ -145,16 +155,46 @@ class FeatureSource:
             return "data.feature_cache is off"
         if frozen == 0:
             return "nothing is frozen"
-        augment = self.data.augment
-        continuous = [name for name in CONTINUOUS if getattr(augment, name)]
-        if continuous:
-            return f"augmentation ({', '.join(continuous)}) runs before the frozen layers, a new image every epoch"
+        continuous = self.continuous
+        if continuous and not self.data.feature_cache_copies:
+            return (
+                f"augmentation ({', '.join(continuous)}) runs before the frozen layers, a new image every epoch; "
+                "data.feature_cache_copies: K would cache K augmented copies of each image instead"
+            )
         return None
 
     @property
+    def continuous(self) -> list[str]:
+        """The recipe's augmentations that make a new image every epoch."""
+        return [name for name in CONTINUOUS if getattr(self.data.augment, name)]
+
+    @property
     def variants(self) -> int:
-        """Feature sets per training image: one per mirror image the recipe's `augment.flip` can show."""
-        return FLIP_VARIANTS[self.data.augment.flip]
+        """Feature sets per training image: `data.feature_cache_copies` augmented copies with continuous augmentation,
+        else one per mirror image the recipe's `augment.flip` can show."""
+        return self.data.feature_cache_copies if self.continuous else FLIP_VARIANTS[self.data.augment.flip]
+
+    def describe_variants(self) -> str:
+        """What the versions of each training image are, for logs: `2 mirror images`, `4 augmented copies`."""
+        if self.continuous:
+            return f"{self.variants} augmented copies (data.feature_cache_copies, an approximation)"
+        return f"{self.variants} mirror images"
+
+    def versions(self):
+        """`(uint8 image, index) -> (variants, height, width, 3)`: every version of a training image the cache keeps.
+        Mirror images are exact; augmented copies are drawn once (flip by `draw_variant`, then the recipe's
+        continuous augmentation), so each epoch picks among K fixed copies instead of making a new image."""
+        augment, copies, seed = self.data.augment, self.data.feature_cache_copies, self.seed
+        if not self.continuous:
+            return lambda image, index: mirrors(image, augment.flip)
+        augmenter = build_augmenter(augment, seed + 5)
+        flips = FLIP_VARIANTS[augment.flip]
+
+        def augmented(image, index):
+            drawn = [mirror(image, draw_variant(seed, -1, k, index, flips), augment.flip) for k in range(copies)]
+            return augmenter(tf.cast(tf.stack(drawn), tf.float32), training=True)
+
+        return augmented
 
     def inputs(
         self,
@@ -181,7 +221,6 @@ class FeatureSource:
         cached = cut + [t for t in (layer_output(backbone, tap) for tap in below) if not any(t is c for c in cut)]
         if not self._fits(cached):
             return None
-        flip = self.data.augment.flip
         key = (
             data_digest(self.parts["train"]),
             data_digest(self.parts["val"]),
@@ -193,13 +232,19 @@ class FeatureSource:
             self.data.interpolation,
             frozen,
             tuple(below),
-            flip,
+            self.data.augment,
+            self.variants,
         )
         above = "head" if whole else backbone.layers[frozen].name
         features = self.cache.get(key, lambda: self._compute(backbone, cached, above, verbose))
         top = _top_model(model, backbone, (cut, cached), frozen, list(auxiliary))
         train = _feature_dataset(
-            features["train"], self.parts["train"], self.num_classes, self.data.batch_size, (self.seed, *epochs), flip
+            features["train"],
+            self.parts["train"],
+            self.num_classes,
+            self.data.batch_size,
+            (self.seed, *epochs),
+            self.variants,
         )
         val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
         return CachedInputs(top, train, val, above)
@@ -224,9 +269,8 @@ class FeatureSource:
             what = f"{len(train) + len(val)} images ({len(train)} train, {len(val)} val) below `{above}`"
             outputs = extract(extractor, train + val, self.data, what, verbose)  # One pass, one trace.
             return {"train": tuple(o[: len(train)] for o in outputs), "val": tuple(o[len(train) :] for o in outputs)}
-        flip = self.data.augment.flip
-        what = f"{len(train)} train images x {variants} mirror images ({flip} flips) below `{above}`"
-        outputs = extract(extractor, train, self.data, what, verbose, flip)
+        what = f"{len(train)} train images x {self.describe_variants()} below `{above}`"
+        outputs = extract(extractor, train, self.data, what, verbose, (self.versions(), variants))
         what = f"{len(val)} val images below `{above}`"
         return {
             "train": tuple(o.reshape(len(train), variants, *o.shape[1:]) for o in outputs),
@@ -234,13 +278,18 @@ class FeatureSource:
         }
 
 
-def extract(extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool, flip: str = "none"):
+def extract(
+    extractor: keras.Model, items: list[Item], data: DataConfig, what: str, verbose: bool, versions: tuple = None
+):
     """Runs `extractor` over `items` in file order (compiled, as `predict`), with progress; one array per cut tensor.
-    With `flip`, over every mirror variant of each image in turn (image 0's variants, then image 1's...)."""
+    With `versions` = `(function, count)`, over the `count` versions `function(image, index)` makes of each image
+    in turn (image 0's, then image 1's...)."""
     ds = image_dataset(items, 1, data.model_copy(update={"cache": False}), training=False).map(lambda x, y: x)
-    if flip != "none":
-        items = [item for item in items for _ in range(FLIP_VARIANTS[flip])]  # One per variant, in order.
-        ds = ds.unbatch().flat_map(lambda x: tf.data.Dataset.from_tensor_slices(mirrors(x, flip)))
+    if versions is not None:
+        make, count = versions
+        items = [item for item in items for _ in range(count)]  # One per version, in order.
+        ds = tf.data.Dataset.zip(ds.unbatch().map(lambda x: tf.cast(x, tf.uint8)), tf.data.Dataset.range(len(items)))
+        ds = ds.flat_map(lambda x, i: tf.data.Dataset.from_tensor_slices(make(x, i)))
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(items)))  # So `predict` knows where it ends.
         ds = ds.batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
     if verbose:
@@ -271,24 +320,24 @@ class _Progress(keras.callbacks.Callback):
 
 
 def _feature_dataset(
-    features, items: list[Item], num_classes: int, batch_size: int, epochs: tuple | None = None, flip: str = "none"
+    features, items: list[Item], num_classes: int, batch_size: int, epochs: tuple | None = None, variants: int = 1
 ):
     """Batches of `(features, one-hot labels)`: with `epochs` = `(seed, stream, first_epoch, last_epoch)`, the
     shuffled epochs of `epoch_stream`, in the very order of the image stream, each image's features those of the
-    mirror variant the image stream shows it as (`flip`: features hold every variant, `(images, variants, ...)`);
-    else one pass in file order."""
+    version `draw_variant` draws for it (with `variants` > 1 the features hold every version, `(images, variants,
+    ...)`: mirror images, as the image stream shows them, or augmented copies); else one pass in file order."""
     labels = np.array([label for _, label in items], dtype=np.int32)
     x = features[0] if len(features) == 1 else tuple(features)
     ds = tf.data.Dataset.from_tensor_slices((x, labels))
     if epochs is None:
         ds = ds.batch(batch_size)
-    elif flip == "none":
+    elif variants == 1:
         ds = epoch_stream(ds, len(items), batch_size, *epochs)
     else:
         seed, stream = epochs[:2]
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(len(items)))
-        pick = flipped(
-            seed, stream, flip, lambda example, v: (tf.nest.map_structure(lambda f: f[v], example[0]), example[1])
+        pick = drawn(
+            seed, stream, variants, lambda example, v: (tf.nest.map_structure(lambda f: f[v], example[0]), example[1])
         )
         ds = epoch_stream(ds, len(items), batch_size, *epochs, per_example=pick)
     return ds.map(lambda f, y: (f, tf.one_hot(y, num_classes))).prefetch(tf.data.AUTOTUNE)

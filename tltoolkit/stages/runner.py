@@ -96,9 +96,8 @@ def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
 def _input_path(features, frozen: int, cached) -> str:
     """What the stage trains on and why, for its log line and the stage run's `input_path` param."""
     if cached is not None:
-        mirrors = features.variants
-        extra = f" ({mirrors} mirror images of each training image, one drawn per epoch)" if mirrors > 1 else ""
-        return f"on cached features below `{cached.cut}`{extra}"
+        extra = f" ({features.describe_variants()} of each training image, one drawn per epoch)"
+        return f"on cached features below `{cached.cut}`{extra if features.variants > 1 else ''}"
     reason = features.usable(frozen) if features is not None else "data.feature_cache is off"
     return f"through the backbone ({reason or 'its features exceed TLTOOLKIT_FEATURE_CACHE_MAX_GB'})"
 
