@@ -21,7 +21,7 @@ FLIP_VARIANTS = {"none": 1, "horizontal": 2, "vertical": 2, "horizontal_and_vert
 def build_augmenter(augment: AugmentConfig, seed: int):
     """The recipe's continuous augmentation (rotation, zoom, translation, contrast) as a `keras.Sequential` of random
     preprocessing layers, or `None` without any. Flips are drawn per image and epoch by `draw_variant` instead."""
-    if not (augment.rotation or augment.zoom or augment.translation or augment.contrast):
+    if not augment.continuous:
         return None
     import keras
 

@@ -62,8 +62,9 @@ class AugmentConfig(_Section):
     translation: float = Field(0.0, ge=0.0, lt=1.0, description="Max shift, as a fraction of the size.")
 
     @property
-    def enabled(self) -> bool:
-        return self.flip != "none" or any((self.rotation, self.zoom, self.contrast, self.translation))
+    def continuous(self) -> list[str]:
+        """The augmentations on, by name, that make a new image every epoch (all but flips, which make a few)."""
+        return [name for name in ("rotation", "zoom", "contrast", "translation") if getattr(self, name)]
 
 
 class DataConfig(_Section):

@@ -40,8 +40,6 @@ from tltoolkit.recipe import DataConfig
 
 _logger = logging.getLogger(__name__)
 
-# Augmentations with a new image every epoch: a stage with any of them trains through the backbone.
-CONTINUOUS = ("rotation", "zoom", "contrast", "translation")
 # Above this many bytes of features, train through the backbone instead (a note says so).
 MAX_BYTES = int(float(os.environ.get("TLTOOLKIT_FEATURE_CACHE_MAX_GB", "4")) * 2**30)
 
@@ -155,7 +153,7 @@ class FeatureSource:
             return "data.feature_cache is off"
         if frozen == 0:
             return "nothing is frozen"
-        continuous = self.continuous
+        continuous = self.data.augment.continuous
         if continuous and not self.data.feature_cache_copies:
             return (
                 f"augmentation ({', '.join(continuous)}) runs before the frozen layers, a new image every epoch; "
@@ -164,19 +162,14 @@ class FeatureSource:
         return None
 
     @property
-    def continuous(self) -> list[str]:
-        """The recipe's augmentations that make a new image every epoch."""
-        return [name for name in CONTINUOUS if getattr(self.data.augment, name)]
-
-    @property
     def variants(self) -> int:
         """Feature sets per training image: `data.feature_cache_copies` augmented copies with continuous augmentation,
         else one per mirror image the recipe's `augment.flip` can show."""
-        return self.data.feature_cache_copies if self.continuous else FLIP_VARIANTS[self.data.augment.flip]
+        return self.data.feature_cache_copies if self.data.augment.continuous else FLIP_VARIANTS[self.data.augment.flip]
 
     def describe_variants(self) -> str:
         """What the versions of each training image are, for logs: `2 mirror images`, `4 augmented copies`."""
-        if self.continuous:
+        if self.data.augment.continuous:
             return f"{self.variants} augmented copies (data.feature_cache_copies, an approximation)"
         return f"{self.variants} mirror images"
 
@@ -185,7 +178,7 @@ class FeatureSource:
         Mirror images are exact; augmented copies are drawn once (flip by `draw_variant`, then the recipe's
         continuous augmentation), so each epoch picks among K fixed copies instead of making a new image."""
         augment, copies, seed = self.data.augment, self.data.feature_cache_copies, self.seed
-        if not self.continuous:
+        if not self.data.augment.continuous:
             return lambda image, index: mirrors(image, augment.flip)
         augmenter = build_augmenter(augment, seed + 5)
         flips = FLIP_VARIANTS[augment.flip]
