@@ -282,7 +282,8 @@ def extract(
         make, count = versions
         items = [item for item in items for _ in range(count)]  # One per version, in order.
         ds = tf.data.Dataset.zip(ds.unbatch().map(lambda x: tf.cast(x, tf.uint8)), tf.data.Dataset.range(len(items)))
-        ds = ds.flat_map(lambda x, i: tf.data.Dataset.from_tensor_slices(make(x, i)))
+        # float32 as the val images are, so `predict` traces once for both.
+        ds = ds.flat_map(lambda x, i: tf.data.Dataset.from_tensor_slices(tf.cast(make(x, i), tf.float32)))
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(items)))  # So `predict` knows where it ends.
         ds = ds.batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
     if verbose:
