@@ -862,9 +862,7 @@ def _speed_finetune(data: Path, uri: str) -> tuple[list[dict], dict]:
 
     stage = MlflowClient(uri).get_run(result.stage_runs["finetune"])
     epochs = int(stage.data.metrics["epochs_run"])
-    train_images = int(
-        stage.data.params.get("images.train") or MlflowClient(uri).get_run(result.run_id).data.params["images.train"]
-    )
+    train_images = int(MlflowClient(uri).get_run(result.run_id).data.params["data.train_images"])
     fed = epochs * train_images / stage.data.metrics["wall_s"]
     model = result.model
     keras.utils.set_random_seed(0)
