@@ -769,7 +769,6 @@ def _head_stage(recipe_file: str, data: Path, seed: int, overrides: list[str], u
     included), val accuracy and what it trained on (`input_path`)."""
     import tltoolkit
     from tltoolkit.recipe import load_recipe
-
     from tltoolkit.stages.features import CACHE
 
     recipe = load_recipe(REPO / "recipes" / recipe_file, [f"seed={seed}", "tracking.log_model=false", *overrides])
