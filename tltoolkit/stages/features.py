@@ -227,6 +227,7 @@ class FeatureSource:
             tuple(below),
             self.data.augment,
             self.variants,
+            self.seed if self.data.augment.continuous else None,  # Augmented copies are drawn from the seed.
         )
         above = "head" if whole else backbone.layers[frozen].name
         features = self.cache.get(key, lambda: self._compute(backbone, cached, above, verbose))
