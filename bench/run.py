@@ -889,7 +889,7 @@ def _speed_finetune(data: Path, uri: str) -> tuple[list[dict], dict]:
 def _speed_predict(data: Path, result, workdir: Path) -> tuple[list[dict], dict]:
     """`tltoolkit.predict` on the image folder (model loading included) against the forward pass of the same model
     on the same images already in memory."""
-    import tltoolkit
+    from tltoolkit.commands.predict import predict
     from tltoolkit.data import image_files
     from tltoolkit.data.pipeline import resized_images
     from tltoolkit.recipe import load_recipe
@@ -897,11 +897,13 @@ def _speed_predict(data: Path, result, workdir: Path) -> tuple[list[dict], dict]
     keras_file = workdir / "speed.keras"
     result.model.save(keras_file)
     paths = image_files([data], progress=False).images
-    tltoolkit.predict(keras_file, [paths[0]], output=workdir / "warm.csv")  # Imports and first traces, not timed.
+    predict(keras_file, [paths[0]], output=workdir / "warm.csv")  # Imports and first traces, not timed.
     started = time.perf_counter()
-    tltoolkit.predict(keras_file, [data], output=workdir / "predictions.csv")
+    predict(keras_file, [data], output=workdir / "predictions.csv")
     predict_rate = len(paths) / (time.perf_counter() - started)
-    images = resized_images(paths, load_recipe(REPO / "recipes" / "mobilenet_v2.yaml").data).astype("float32")
+    config = load_recipe(REPO / "recipes" / "mobilenet_v2.yaml").data  # What the model trained with.
+    size = result.model.input_shape[1]
+    images = resized_images(paths, config.model_copy(update={"image_size": size})).astype("float32")
     result.model.predict(images[:32], verbose=0)
     started = time.perf_counter()
     result.model.predict(images, batch_size=32, verbose=0)

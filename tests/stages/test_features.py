@@ -113,6 +113,8 @@ def test_continuous_augmentation_is_cached_as_k_copies_only_when_asked(image_fol
     train = next(iter(cache.entries.values()))["train"][0]
     assert train.shape[1] == 3 and not np.allclose(train[:, 0], train[:, 1]), "three different copies of each image"
     assert np.isfinite(copied.history["loss"]).all()
+    train_head(image_folder, True, cache, **changes, seed=7)
+    assert cache.misses == 2, "copies drawn from another seed are other copies"
 
 
 def test_flip_draws_are_uniform_and_a_resumed_stream_draws_the_same(image_folder):
