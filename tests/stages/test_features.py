@@ -9,6 +9,7 @@ from conftest import tiny_recipe
 import tltoolkit
 from tltoolkit.data import prepare_data
 from tltoolkit.data.pipeline import TrainingBatches, image_dataset
+from tltoolkit.errors import RecipeError
 from tltoolkit.model import build_classifier
 from tltoolkit.recipe import AugmentConfig, load_recipe
 from tltoolkit.stages import FeatureCache, FeatureSource, StageRun, fit_stage
@@ -115,6 +116,8 @@ def test_continuous_augmentation_is_cached_as_k_copies_only_when_asked(image_fol
     assert np.isfinite(copied.history["loss"]).all()
     train_head(image_folder, True, cache, **changes, seed=7)
     assert cache.misses == 2, "copies drawn from another seed are other copies"
+    with pytest.raises(RecipeError, match="feature_cache_copies 1 would train every epoch on one fixed"):
+        load_recipe(tiny_recipe(), ["data.feature_cache_copies=1"])
 
 
 def test_flip_draws_are_uniform_and_a_resumed_stream_draws_the_same(image_folder):

@@ -104,7 +104,18 @@ class DataConfig(_Section):
         "(each epoch draws one per image) instead of training through the frozen layers. An approximation: K fixed "
         "copies, not a new image every epoch. 0 (default) keeps training through the backbone.",
     )
+
     augment: AugmentConfig = Field(AugmentConfig(), description="Random changes to training images (never to scoring).")
+
+    @field_validator("feature_cache_copies")
+    @classmethod
+    def _copies(cls, copies: int) -> int:
+        if copies == 1:
+            raise ValueError(
+                "data.feature_cache_copies 1 would train every epoch on one fixed augmentation of each image; use 2 or "
+                "more copies (or 0: a new augmentation every epoch, through the backbone)"
+            )
+        return copies
 
 
 class BackboneConfig(_Section):
