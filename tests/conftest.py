@@ -122,12 +122,10 @@ def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    import socket
+    """A loopback port nothing listens on now (the team server's own helper)."""
+    from tltoolkit.tracking.server import free_port as loopback_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return loopback_port()
 
 
 def wait_until(condition, process, timeout=120.0, what=""):

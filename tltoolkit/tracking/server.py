@@ -55,6 +55,7 @@ def postgres_binaries() -> Path:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
