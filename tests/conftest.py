@@ -108,17 +108,50 @@ def on_epoch_end(self, epoch, logs=None):
 HookEpochs.on_epoch_end = on_epoch_end
 """
 
+PAUSED_AFTER_EPOCHS = """
+import time
+from pathlib import Path
+from tltoolkit.stages.callbacks import HookEpochs
+_log = HookEpochs.on_epoch_end
+_ended = []
+def on_epoch_end(self, epoch, logs=None):
+    _log(self, epoch, logs)
+    _ended.append(epoch)
+    logged, go = Path({folder!r}) / "logged", Path({folder!r}) / "go"
+    if len(_ended) == {epochs}:  # Recorded: the test acts, then lets the process go on (or kills it).
+        logged.write_text(str(epoch))
+        while not go.exists():
+            time.sleep(0.1)
+HookEpochs.on_epoch_end = on_epoch_end
+"""
 
-def cli(*args, log: Path, slow: Path | None = None) -> subprocess.Popen:
-    """`python -m tltoolkit ARGS`; with `slow` (a folder), every epoch lasts at least 0.7 s (via sitecustomize)."""
+
+def cli(*args, log: Path, slow: Path | None = None, paused: Path | None = None, after: int = 1) -> subprocess.Popen:
+    """`python -m tltoolkit ARGS`, via a sitecustomize in the one folder given: with `slow`, every epoch lasts at
+    least 0.7 s; with `paused`, the process writes `paused/logged` once it has recorded `after` epochs (of any
+    stages and trials) and waits there until `paused/go` exists: a deterministic point to kill it at or to pull a
+    service from under it."""
+    assert slow is None or paused is None, "one sitecustomize per process"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if slow is not None:
-        slow.mkdir(exist_ok=True)
-        (slow / "sitecustomize.py").write_text(SLOW_EPOCHS)
-        env["PYTHONPATH"] = os.pathsep.join([str(slow), env.get("PYTHONPATH", "")])
-    return subprocess.Popen(
+    pause = PAUSED_AFTER_EPOCHS.format(folder=str(paused), epochs=after)
+    for folder, code in ((slow, SLOW_EPOCHS), (paused, pause)):
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
+            (folder / "sitecustomize.py").write_text(code)
+            env["PYTHONPATH"] = os.pathsep.join([str(folder), env.get("PYTHONPATH", "")])
+    process = subprocess.Popen(
         [sys.executable, "-m", "tltoolkit", *args], stdout=log.open("a"), stderr=subprocess.STDOUT, env=env
     )
+    process.stdout_log = log  # For `wait_until`'s failure message.
+    return process
+
+
+def wait_until_paused(folder: Path, process, timeout: float = 600.0, what: str = "") -> None:
+    """Waits for a process started with `cli(..., paused=folder)` to reach its pause; the marker is removed, so the
+    folder serves the next process too."""
+    marker = folder / "logged"
+    wait_until(marker.exists, process, timeout, what or "the epochs to be recorded")
+    marker.unlink()
 
 
 def free_port() -> int:
@@ -128,11 +161,20 @@ def free_port() -> int:
     return loopback_port()
 
 
-def wait_until(condition, process, timeout=120.0, what=""):
+def wait_until(condition, process, timeout=120.0, what="", every: float = 0.05):
+    """Polls `condition` every `every` s; fails when `process` ends first or after `timeout` s, with the tail of the
+    process's log (its stdout file) in the message."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the process ended (rc {process.returncode}) before {what}")
+            raise AssertionError(f"the process ended (rc {process.returncode}) before {what}" + _log_tail(process))
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + _log_tail(process))
+        time.sleep(every)
+
+
+def _log_tail(process) -> str:
+    try:
+        return "\n--- its log, last lines ---\n" + Path(process.stdout_log).read_text()[-3000:]
+    except (AttributeError, OSError):
+        return ""

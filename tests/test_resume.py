@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import cli, tiny_recipe, wait_until
+from conftest import cli, tiny_recipe, wait_until_paused
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -59,22 +59,18 @@ def test_killed_in_each_stage_resumes_the_same_runs_to_the_same_weights(image_fo
     log = tmp_path / "run.log"
     command = ("run", str(path), "--data", str(image_folder), "--experiment", "resumed")
 
-    def logged(stage, epochs):
-        def check():
-            runs = [r for r in runs_of(client, "resumed") if r.data.tags.get("tltoolkit.stage") == stage]
-            return bool(runs) and len(epochs_logged(client, runs[0].info.run_id)) >= epochs
-
-        return check
-
-    process = cli(*command, log=log, slow=tmp_path / "slow")
-    wait_until(logged("head", 1), process, what="the head stage's first epoch")
+    process = cli(*command, log=log, paused=tmp_path / "first")  # Killed after the head's first epoch.
+    wait_until_paused(tmp_path / "first", process, what="the head stage's first epoch")
+    assert epochs_logged(client, stage_run(client, "resumed", "head").info.run_id) == [0]
     process.send_signal(signal.SIGKILL)
     process.wait()
     parent = next(r for r in runs_of(client, "resumed") if r.data.tags.get("tltoolkit.kind") == "run")
     assert parent.info.status == "RUNNING", "SIGKILL leaves it RUNNING until the toolkit next starts"
 
-    process = cli(*command, "--resume", log=log, slow=tmp_path / "slow")
-    wait_until(logged("finetune", 1), process, what="the fine-tune stage's first epoch")
+    # Resumed: the head's epochs 1 and 2, then killed after the fine-tune's first epoch.
+    process = cli(*command, "--resume", log=log, paused=tmp_path / "second", after=3)
+    wait_until_paused(tmp_path / "second", process, what="the fine-tune stage's first epoch")
+    assert epochs_logged(client, stage_run(client, "resumed", "finetune").info.run_id) == [3]
     process.send_signal(signal.SIGKILL)
     process.wait()
 
@@ -118,13 +114,8 @@ def test_sigterm_marks_runs_killed_keeps_the_checkpoint_and_says_how_to_resume(i
     path.write_text(yaml.safe_dump(resumable_recipe()))
     client = MlflowClient()
     log = tmp_path / "run.log"
-    process = cli("run", str(path), "--data", str(image_folder), log=log, slow=tmp_path / "slow")
-
-    def first_epoch():
-        runs = [r for r in all_runs(client) if r.data.tags.get("tltoolkit.stage") == "head"]
-        return bool(runs) and bool(epochs_logged(client, runs[0].info.run_id))
-
-    wait_until(first_epoch, process, what="the first epoch")
+    process = cli("run", str(path), "--data", str(image_folder), log=log, paused=tmp_path / "paused")
+    wait_until_paused(tmp_path / "paused", process, what="the first epoch")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 130
     runs = all_runs(client)

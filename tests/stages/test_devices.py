@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
-from conftest import cli, tiny_recipe, wait_until
+from conftest import cli, tiny_recipe, wait_until_paused
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -39,14 +39,8 @@ def test_mirrored_on_two_cpu_devices_matches_one_device_and_resumes(image_folder
     log = tmp_path / "run.log"
     command = ("run", str(path), "--data", str(image_folder), "--experiment", "mirrored", *MIRRORED)
 
-    def finetune_epoch():
-        experiment = client.get_experiment_by_name("mirrored")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        stage = [r for r in runs if r.data.tags.get("tltoolkit.stage") == "finetune"]
-        return bool(stage) and bool(client.get_metric_history(stage[0].info.run_id, "loss"))
-
-    process = cli(*command, log=log, slow=tmp_path / "slow")
-    wait_until(finetune_epoch, process, timeout=180, what="the fine-tune's first epoch")
+    process = cli(*command, log=log, paused=tmp_path / "paused", after=3)  # After the fine-tune's first epoch.
+    wait_until_paused(tmp_path / "paused", process, timeout=300, what="the fine-tune's first epoch")
     process.send_signal(signal.SIGKILL)
     process.wait()
     process = cli(*command, "--resume", log=log)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, free_port, tiny_recipe, use_store, wait_until
+from conftest import cli, free_port, tiny_recipe, use_store, wait_until, wait_until_paused
 from mlflow import MlflowClient
 
 from tltoolkit.errors import TltoolkitError
@@ -109,25 +109,25 @@ def test_a_run_and_a_distributed_search_write_to_the_server_at_once_and_lose_not
     address = f"127.0.0.1:{free_port()}"
     tune = ("tune", search_recipe, "--data", str(image_folder), "--experiment", "team-search", "--oracle-address")
     logs = {name: tmp_path / f"{name}.log" for name in ("run", "chief", "w1", "w2")}
+    w1_paused = tmp_path / "w1-paused"
     processes = {
         "run": cli("run", run_recipe, "--data", str(image_folder), "--experiment", "team-run", log=logs["run"]),
         "chief": cli(*tune, address, "--distributed", "chief", log=logs["chief"]),
-        "w1": cli(*tune, address, "--distributed", "worker", "--worker-id", "w1", log=logs["w1"], slow=tmp_path / "s"),
-        "w2": cli(*tune, address, "--distributed", "worker", "--worker-id", "w2", log=logs["w2"]),
+        "w1": cli(*tune, address, "--distributed", "worker", "--worker-id", "w1", log=logs["w1"], paused=w1_paused),
     }
-
-    def w1_mid_trial():
+    try:
+        # w1 stops inside its first trial once an epoch is on the server; w2 then takes the other trials, so w1 has
+        # a trial to lose whatever the machine's speed.
+        wait_until_paused(w1_paused, processes["w1"], what="worker w1's first epoch")
+        processes["w2"] = cli(*tune, address, "--distributed", "worker", "--worker-id", "w2", log=logs["w2"])
         runs = experiment_runs(client, "team-search")
         mine = [r for r in runs if r.data.tags.get("tltoolkit.tuner_id") == "worker-w1"]
-        return any(r.info.status == "RUNNING" and steps(client, r.info.run_id, "head/loss") for r in mine)
-
-    try:
-        wait_until(w1_mid_trial, processes["w1"], timeout=300, what="worker w1's trial to log an epoch")
+        assert [r.info.status for r in mine] == ["RUNNING"] and steps(client, mine[0].info.run_id, "head/loss")
         processes["w1"].send_signal(signal.SIGKILL)
         processes["w1"].wait()
         processes["w1"] = cli(*tune, address, "--distributed", "worker", "--worker-id", "w1", log=logs["w1"])
         for name in ("run", "w1", "w2", "chief"):
-            assert processes[name].wait(timeout=400) == 0, f"{name}: " + logs[name].read_text()[-3000:]
+            assert processes[name].wait(timeout=600) == 0, f"{name}: " + logs[name].read_text()[-3000:]
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -163,14 +163,13 @@ def test_a_server_killed_mid_run_fails_the_run_and_resume_continues_it(team, on_
     log = tmp_path / "run.log"
     os.environ["TLTOOLKIT_TRACKING_PATIENCE_S"] = "3"  # The default waits 5 minutes for a restart.
     try:
-        process = cli(*command, log=log, slow=tmp_path / "slow")
-
-        def first_epoch():
-            stages = [r for r in experiment_runs(client, "outage") if r.data.tags.get("tltoolkit.stage") == "head"]
-            return bool(stages) and bool(steps(client, stages[0].info.run_id, "loss"))
-
-        wait_until(first_epoch, process, timeout=180, what="the first epoch on the server")
+        paused = tmp_path / "paused"
+        process = cli(*command, log=log, paused=paused)
+        wait_until_paused(paused, process, what="the first epoch on the server")
+        head = [r for r in experiment_runs(client, "outage") if r.data.tags.get("tltoolkit.stage") == "head"]
+        assert steps(client, head[0].info.run_id, "loss") == [0]
         team.stop()  # MLflow and its PostgreSQL, as a server restart does.
+        (paused / "go").touch()  # The run goes on to its next record, with no server to take it.
         stopped = time.monotonic()
         assert process.wait(timeout=60) != 0
         assert time.monotonic() - stopped < 30, "failed within seconds of the patience"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, tiny_recipe, wait_until
+from conftest import cli, tiny_recipe, wait_until, wait_until_paused
 from mlflow import MlflowClient
 
 import tltoolkit
@@ -106,6 +106,7 @@ def test_bad_freeze_point_in_the_space_fails_before_any_trial(image_folder):
 
 def test_hyperband_and_grid_run_through_the_same_machinery(image_folder):
     grid = search_recipe(space={"head.dense": [[], [16]], "head.pooling": ["avg", "max"]}, tuner="grid", max_trials=10)
+    grid["stages"] = grid["stages"][:1]  # The head alone: what is tested is which trials the grid makes.
     result = tltoolkit.tune(grid, image_folder, verbose=0)
     assert len(result.trials) == 4, "a grid of 2 x 2 ends after 4 trials"
     hyper = search_recipe(space={"head.dense": [[], [16]]}, tuner="hyperband", factor=3, max_trials=2)
@@ -126,7 +127,7 @@ def trial_runs(client, name):
 
 def test_search_killed_in_trial_0_and_in_a_later_trial_resumes_with_the_same_command(image_folder, tmp_path):
     recipe = search_recipe(max_trials=3)
-    recipe["stages"][0]["epochs"] = 3
+    recipe["stages"] = [{**recipe["stages"][0], "epochs": 3}]  # The head alone: 3 epochs a trial.
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(recipe))
     log = tmp_path / "tune.log"
@@ -139,13 +140,13 @@ def test_search_killed_in_trial_0_and_in_a_later_trial_resumes_with_the_same_com
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    def trial_1_mid_stage():
-        _, runs = trial_runs(client, "tiny")
-        live = [r for r in runs if r.data.tags.get("tltoolkit.trial") == "1" and r.info.status == "RUNNING"]
-        return any(client.get_metric_history(r.info.run_id, "head/loss") for r in live)
-
-    process = cli(*command, log=log, slow=tmp_path / "slow")  # Killed in trial 1, after its first epoch was logged.
-    wait_until(trial_1_mid_stage, process, what="trial 1's first epoch")
+    # Trial 0 again (3 epochs), then killed in trial 1, after its first epoch was logged.
+    process = cli(*command, log=log, paused=tmp_path / "paused", after=4)
+    wait_until_paused(tmp_path / "paused", process, what="trial 1's first epoch")
+    _, runs = trial_runs(client, "tiny")
+    live = [r for r in runs if r.info.status == "RUNNING" and "tltoolkit.trial" in r.data.tags]
+    assert [r.data.tags["tltoolkit.trial"] for r in live] == ["1"]
+    assert [m.step for m in client.get_metric_history(live[0].info.run_id, "head/loss")] == [0]
     process.send_signal(signal.SIGKILL)
     process.wait()
 
