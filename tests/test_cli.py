@@ -91,6 +91,23 @@ def test_predict_to_stdout(trained, capsys):
     assert lines[0].startswith("path,class_1,probability_1") and len(lines) == 2
 
 
+def test_predict_takes_a_loaded_classifier_for_many_calls_and_logs_its_speed(trained, caplog):
+    import mlflow
+
+    from tltoolkit.commands.predict import predict
+    from tltoolkit.tracking.models import load_classifier
+
+    _, uri, data, run_id = trained
+    mlflow.set_tracking_uri(uri)
+    caplog.set_level("INFO", logger="tltoolkit")
+    by_reference = predict(run_id, [data], tracking_uri=uri)
+    loaded = load_classifier(run_id)
+    for _ in range(2):  # One start-up, two folders' worth of predictions.
+        again = predict(loaded, [data], tracking_uri=uri)
+        pd.testing.assert_frame_equal(again, by_reference, atol=1e-6)
+    assert caplog.text.count(f"Predicted {len(by_reference)} image(s) in ") == 3 and "images/s" in caplog.text
+
+
 def test_evaluate_logs_metrics_and_confusion_matrix(trained, capsys):
     import mlflow
 
