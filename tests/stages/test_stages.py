@@ -126,3 +126,26 @@ def test_same_seed_same_split_and_metrics_other_seed_other_split(image_folder):
     assert first.history.drop(columns="stage").equals(second.history.drop(columns="stage"))
     other = tltoolkit.run({**recipe, "seed": 7}, image_folder, verbose=0)
     assert open(split(other)).read() != open(split(first)).read()
+
+
+def test_train_images_per_s_times_training_only_and_skips_the_process_first_epoch(setup):
+    """Validation made slow (0.4 s an epoch) is left out, and the first epoch (tracing) is not what is reported."""
+    import time
+
+    from tltoolkit.stages.callbacks import TrainPhaseTimes
+
+    recipe, model, backbone, train, val = setup
+
+    class SlowValidation(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            time.sleep(0.4)
+
+    timer = TrainPhaseTimes()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(train.epochs(0, 0, 3), validation_data=val, epochs=3, callbacks=[timer, SlowValidation()], verbose=0)
+    assert len(timer.seconds) == 3 and max(timer.seconds[1:]) < 0.4, timer.seconds
+    assert timer.images_per_s(len(train.items)) == pytest.approx(len(train.items) / np.median(timer.seconds[1:]))
+    assert TrainPhaseTimes().images_per_s(10) is None
+
+    outcome = fit(setup, recipe.stages[0])
+    assert outcome.train_images_per_s > 0

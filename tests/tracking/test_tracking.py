@@ -86,6 +86,7 @@ def test_one_child_run_per_stage_with_per_epoch_metrics(finished, client):
     assert "top5_accuracy" not in head.data.metrics, "top-k only with more than 5 classes"
     assert head.data.params["frozen_layers"] == "11"
     assert client.get_run(result.stage_runs["finetune"]).data.params["frozen_layers"] == "0"
+    assert head.data.metrics["epochs_run"] == 2 and head.data.metrics["train_images_per_s"] > 0
     assert {"curves.png", "evaluation/final_val_confusion_matrix.png"} <= set(artifact_paths(client, head.info.run_id))
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 
 from tltoolkit.errors import DivergedError
 from tltoolkit.recipe import StageConfig
@@ -65,6 +67,32 @@ class EpochRows(keras.callbacks.Callback):
         row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
         row.setdefault("learning_rate", current_learning_rate(self.model.optimizer))
         self.rows.append(row)
+
+
+class TrainPhaseTimes(keras.callbacks.Callback):
+    """Seconds each epoch spends training: from its start to the end of its last training batch, so validation,
+    checkpoints and tracking after it are left out. What the stage's input pipeline and train steps deliver."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self._started = self._last_batch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started, self._last_batch = time.perf_counter(), None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_batch = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._started is not None and self._last_batch is not None:
+            self.seconds.append(self._last_batch - self._started)
+
+    def images_per_s(self, images_per_epoch: int) -> float | None:
+        """Images per second over the epochs after this process's first (which also traces the train step and fills
+        the image cache); over the first when it is the only one; None before any epoch ended."""
+        timed = self.seconds[1:] or self.seconds
+        return images_per_epoch / float(np.median(timed)) if timed else None
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -25,6 +25,7 @@ from tltoolkit.stages.callbacks import (
     ResumableEarlyStopping,
     StageRun,
     StopOnNonFiniteLoss,
+    TrainPhaseTimes,
     fit_verbosity,
 )
 from tltoolkit.stages.checkpoint import CheckpointCallback, restore_variables
@@ -47,6 +48,7 @@ class ClassifierOutcome:
     eval_model: keras.Model | None = None  # Scores `eval_data` (the top model on cached features, else the classifier).
     eval_data: object = None  # Validation batches for `eval_model`, in file order.
     input_path: str = ""  # What the stage trained on and why ("on cached features below ...", "through the ...").
+    train_images_per_s: float | None = None  # Training throughput, validation excluded (`TrainPhaseTimes`).
 
     def predict_val(self) -> np.ndarray:
         """Validation probabilities of the trained model, in file order (through the cache when it was used)."""
@@ -195,7 +197,8 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     rows: list[dict] = [dict(row) for row in run.resume.rows] if run.resume else []
     stopper = _early_stopping(run)
     diverged = StopOnNonFiniteLoss(run.stage.name, run.stream)
-    callbacks = [diverged, *fit.leading, EpochRows(rows), *([stopper] if stopper else [])]
+    timer = TrainPhaseTimes()
+    callbacks = [timer, diverged, *fit.leading, EpochRows(rows), *([stopper] if stopper else [])]
     if run.checkpoints is not None:
         callbacks.append(CheckpointCallback(run.checkpoints, training.checkpoint_model, run.state, rows, stopper))
     _describe(training, run, summary, f", {fit.note}" if fit.note else "")
@@ -213,7 +216,10 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
         )
     best = stopper.best_epoch if stopper is not None and stopper.restore_best_weights else None
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
-    return ClassifierOutcome(history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data, fit.note)
+    throughput = timer.images_per_s(len(training.train.items))
+    return ClassifierOutcome(
+        history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data, fit.note, throughput
+    )
 
 
 def _early_stopping(run: StageRun) -> ResumableEarlyStopping | None:
