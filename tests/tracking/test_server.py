@@ -94,6 +94,23 @@ def write(path: Path, recipe: dict) -> str:
     return str(path)
 
 
+def test_an_experiment_another_client_creates_meanwhile_is_joined(on_server, monkeypatch):
+    """A search's chief and workers start at once: one creates the experiment between another's lookup and its own
+    creation, which the server refuses (RESOURCE_ALREADY_EXISTS); that process joins the experiment."""
+    import mlflow
+
+    from tltoolkit.tracking.store import connect
+
+    real = mlflow.create_experiment
+
+    def raced(name, **kwargs):
+        on_server.create_experiment(name)  # The other process wins...
+        return real(name, **kwargs)  # ...and this one is refused.
+
+    monkeypatch.setattr(mlflow, "create_experiment", raced)
+    assert connect(mlflow.get_tracking_uri(), "raced") == on_server.get_experiment_by_name("raced").experiment_id
+
+
 def test_a_run_and_a_distributed_search_write_to_the_server_at_once_and_lose_nothing(on_server, image_folder, tmp_path):
     """Four processes at once (a run, a search's chief and two workers); one worker SIGKILLed mid-trial comes back."""
     client = on_server
@@ -118,7 +135,12 @@ def test_a_run_and_a_distributed_search_write_to_the_server_at_once_and_lose_not
     try:
         # w1 stops inside its first trial once an epoch is on the server; w2 then takes the other trials, so w1 has
         # a trial to lose whatever the machine's speed.
-        wait_until_paused(w1_paused, processes["w1"], what="worker w1's first epoch")
+        def w1_paused_while_the_chief_serves():
+            if processes["chief"].poll() is not None:  # Else w1 would wait minutes for a search that never comes.
+                raise AssertionError("the chief ended early: " + logs["chief"].read_text()[-3000:])
+            return (w1_paused / "logged").exists()
+
+        wait_until(w1_paused_while_the_chief_serves, processes["w1"], timeout=600, what="worker w1's first epoch")
         processes["w2"] = cli(*tune, address, "--distributed", "worker", "--worker-id", "w2", log=logs["w2"])
         runs = experiment_runs(client, "team-search")
         mine = [r for r in runs if r.data.tags.get("tltoolkit.tuner_id") == "worker-w1"]

@@ -212,7 +212,15 @@ def _experiment_id(mlflow, uri: str, experiment: str) -> str:
     if found is not None:
         experiment_id = found.experiment_id
     else:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+        try:
+            experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+        except Exception:
+            # Another client created it since we looked (a search's chief and workers start at once): join it. On a
+            # tracking server this is RESOURCE_ALREADY_EXISTS, which no retry of the creation would get past.
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
     key, value = EXPERIMENT_KIND
     mlflow.MlflowClient(uri).set_experiment_tag(experiment_id, key, value)
     return experiment_id
