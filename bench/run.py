@@ -978,15 +978,21 @@ def speed(args) -> tuple[list[dict], dict]:
     return rows, figures
 
 
-def _train_rate(model, images, labels, steps: int) -> float:
-    """Images per second of `model.fit` on batches in memory, after one warm-up epoch (tracing, autotuning)."""
+def _train_rate(model, images, labels, steps: int, repeats: int = 3) -> float:
+    """Images per second of `model.fit` on batches in memory: the median of `repeats` timed epochs of `steps`
+    steps, after one warm-up epoch (tracing, autotuning). One short sample is not enough on a host whose speed drifts
+    by up to 2x."""
+    import numpy as np
     import tensorflow as tf
 
     batches = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
     model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)
-    started = time.perf_counter()
-    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * len(images) / (time.perf_counter() - started)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+        rates.append(steps * len(images) / (time.perf_counter() - started))
+    return float(np.median(rates))
 
 
 @benchmark
