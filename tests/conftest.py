@@ -147,11 +147,8 @@ def cli(*args, log: Path, slow: Path | None = None, paused: Path | None = None, 
 
 
 def wait_until_paused(folder: Path, process, timeout: float = 600.0, what: str = "") -> None:
-    """Waits for a process started with `cli(..., paused=folder)` to reach its pause; the marker is removed, so the
-    folder serves the next process too."""
-    marker = folder / "logged"
-    wait_until(marker.exists, process, timeout, what or "the epochs to be recorded")
-    marker.unlink()
+    """Waits for a process started with `cli(..., paused=folder)` to reach its pause."""
+    wait_until((folder / "logged").exists, process, timeout, what or "the epochs to be recorded")
 
 
 def free_port() -> int:
