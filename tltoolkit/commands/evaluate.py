@@ -40,6 +40,7 @@ def evaluate(
 
     from tltoolkit.data import labelled_images
     from tltoolkit.data.pipeline import image_batches
+    from tltoolkit.model.inference import predict_images
     from tltoolkit.model.metrics import evaluate_probabilities
     from tltoolkit.tracking.models import load_classifier
     from tltoolkit.tracking.reports import report_text
@@ -50,15 +51,15 @@ def evaluate(
     items, skipped = labelled_images(data, loaded.class_names)
     for item in skipped:
         _logger.warning("Skipped %s: %s", item.path, item.reason)
-    batches = image_batches([p for p, _ in items], loaded.data_config(batch_size))
+    paths, config = [p for p, _ in items], loaded.data_config(batch_size)
     labels = np.array([label for _, label in items])
     evaluation = evaluate_probabilities(
-        labels, _normalised(loaded, loaded.model.predict(batches, verbose=0)), loaded.class_names
+        labels, _normalised(loaded, predict_images(loaded.model, paths, config)), loaded.class_names
     )
     if tta != "none":
         from tltoolkit.model.tta import predict_tta
 
-        probabilities = _normalised(loaded, predict_tta(loaded.model, batches, tta))
+        probabilities = _normalised(loaded, predict_tta(loaded.model, image_batches(paths, config), tta))
         evaluation.tta = evaluate_probabilities(labels, probabilities, loaded.class_names)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
     if evaluation.tta is not None:

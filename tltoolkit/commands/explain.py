@@ -41,7 +41,7 @@ def explain(
     import numpy as np
 
     from tltoolkit.data import labelled_images
-    from tltoolkit.data.pipeline import image_batches
+    from tltoolkit.model.inference import predict_images
     from tltoolkit.model.interpret import interpret
     from tltoolkit.model.metrics import evaluate_probabilities
     from tltoolkit.tracking.models import load_classifier
@@ -62,7 +62,7 @@ def explain(
     for item in skipped:
         _logger.warning("Skipped %s: %s", item.path, item.reason)
     paths, config = [path for path, _ in items], loaded.data_config()
-    probabilities = loaded.model.predict(image_batches(paths, config), verbose=0)
+    probabilities = predict_images(loaded.model, paths, config)
     evaluation = evaluate_probabilities(np.array([label for _, label in items]), probabilities, loaded.class_names)
     found = interpret(loaded.model, paths, evaluation, loaded.class_names, config, top_losses)
     folder = save_interpretation(found, Path(output) if output else Path(f"explain-{Path(data).resolve().name}"))

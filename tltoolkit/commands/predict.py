@@ -50,6 +50,7 @@ def predict(
     import mlflow
 
     from tltoolkit.data.pipeline import image_batches
+    from tltoolkit.model.inference import predict_images
     from tltoolkit.tracking.models import LoadedClassifier, load_classifier
     from tltoolkit.tracking.store import resolve_tracking_uri
 
@@ -63,7 +64,7 @@ def predict(
         probabilities = predict_tta(loaded.model, image_batches(images, config), tta)
         _logger.info("Probabilities are means over test-time augmentation views (%s).", tta)
     else:  # Decoding overlaps inference: `image_batches` reads ahead while the model runs.
-        probabilities = loaded.model.predict(image_batches(images, config), verbose=0)
+        probabilities = predict_images(loaded.model, images, config)
     seconds = time.perf_counter() - started
     _logger.info(
         "Predicted %d image(s) in %.1f s (%.1f images/s, reading included; the first call also traces the model).",
@@ -121,8 +122,8 @@ def predict_imagenet(
     import keras
 
     from tltoolkit.backbones import create_backbone, get_backbone_cfg
-    from tltoolkit.data.pipeline import image_batches
     from tltoolkit.errors import BackboneError
+    from tltoolkit.model.inference import predict_images
     from tltoolkit.recipe import DataConfig
 
     cfg = get_backbone_cfg(backbone)
@@ -135,7 +136,7 @@ def predict_imagenet(
     model = create_backbone(backbone, weights=weights, include_top=True)
     size = model.input_shape[1]
     config = DataConfig(image_size=size, resize="crop", batch_size=batch_size, cache=False)
-    logits = model.predict(image_batches(images, config), verbose=0)
+    logits = predict_images(model, images, config)
     probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
     _logger.info("ImageNet classes by %s (weights: %s)", backbone, weights)
     return _top_k_table(images, probabilities, imagenet_class_names(), top_k, output)

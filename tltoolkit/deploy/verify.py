@@ -79,10 +79,11 @@ def verify(check: Verification, splits: dict[str, list[Item]], artifact: Path, t
 
 def _check_split(check: Verification, items: list[Item]) -> dict:
     from tltoolkit.data.pipeline import image_batches
+    from tltoolkit.model.inference import predict_images
 
     paths = [path for path, _ in items]
     labels = np.array([label for _, label in items])
-    keras_p = np.asarray(check.keras.predict(image_batches(paths, check.data_config), verbose=0))
+    keras_p = np.asarray(predict_images(check.keras, paths, check.data_config))
     if check.spec.resize_in_graph:
         originals = [_original(path) for path in paths]
         artifact_p = np.concatenate([check.artifact.predict_batch(image) for image in originals])

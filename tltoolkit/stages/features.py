@@ -36,6 +36,7 @@ from tltoolkit.data.pipeline import (
 )
 from tltoolkit.data.split import Item
 from tltoolkit.model import apply_head, layer_output, run_subgraph
+from tltoolkit.model.inference import predict_batches
 from tltoolkit.recipe import DataConfig
 
 _logger = logging.getLogger(__name__)
@@ -292,7 +293,9 @@ def extract(
     tty = bool(verbose) and sys.stdout.isatty()
     progress = [] if tty or not verbose else [_Progress(len(items), data.batch_size)]
     with readable_images():
-        outputs = extractor.predict(ds, verbose=1 if tty else 0, callbacks=progress)
+        outputs = predict_batches(
+            extractor, ds, len(items), data.batch_size, verbose=1 if tty else 0, callbacks=progress
+        )
     return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
 
 

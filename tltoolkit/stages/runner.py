@@ -18,6 +18,7 @@ import pandas as pd
 
 from tltoolkit.data.pipeline import readable_images
 from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
+from tltoolkit.model.inference import predict_batches
 from tltoolkit.model.metrics import TOP_K
 from tltoolkit.recipe import Recipe, StageConfig
 from tltoolkit.stages.callbacks import (
@@ -50,9 +51,10 @@ class ClassifierOutcome:
     input_path: str = ""  # What the stage trained on and why ("on cached features below ...", "through the ...").
     train_images_per_s: float | None = None  # Training throughput, validation excluded (`TrainPhaseTimes`).
 
-    def predict_val(self) -> np.ndarray:
-        """Validation probabilities of the trained model, in file order (through the cache when it was used)."""
-        return self.eval_model.predict(self.eval_data, verbose=0)
+    def predict_val(self, count: int, batch_size: int) -> np.ndarray:
+        """Validation probabilities of the trained model for the `count` val images, in file order (through the
+        cache when it was used)."""
+        return predict_batches(self.eval_model, self.eval_data, count, batch_size, verbose=0)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tltoolkit.backbones.encoder import architecture_of, build_encoder
 from tltoolkit.data import ImageFolder
 from tltoolkit.model import check_points
 from tltoolkit.model.calibration import Calibration, calibrate, rescored
+from tltoolkit.model.inference import predict_batches
 from tltoolkit.model.metrics import Evaluation, evaluate_items
 from tltoolkit.recipe import Recipe, StageConfig
 from tltoolkit.stages.callbacks import HookEpochs, StageRun
@@ -295,7 +296,9 @@ class TrainingSession:
         started = time.perf_counter()
         fit = fit_stage(self.training, run)
         wall = time.perf_counter() - started
-        evaluation = evaluate_items(self.folder.parts["val"], fit.predict_val(), self.folder.class_names)
+        val = self.folder.parts["val"]
+        probabilities = fit.predict_val(len(val), self.recipe.data.batch_size)
+        evaluation = evaluate_items(val, probabilities, self.folder.class_names)
         self._stage_evals[stage.name] = evaluation
         return StageOutcome(stage, fit.history.assign(stage=stage.name), wall, fit, evaluation)
 
@@ -317,7 +320,8 @@ class TrainingSession:
             if part == "val" and last is not None:
                 evaluations[part] = last  # The last stage already scored these very weights on val.
             else:
-                probabilities = self.training.model.predict(batches, verbose=0)
+                count, size = len(self.folder.parts[part]), self.recipe.data.batch_size
+                probabilities = predict_batches(self.training.model, batches, count, size, verbose=0)
                 evaluations[part] = evaluate_items(self.folder.parts[part], probabilities, self.folder.class_names)
         stage_runs = {self.plan[int(i)].name: run_id for i, run_id in state.stage_runs.items()}
         calibration = self._calibrate(evaluations)
