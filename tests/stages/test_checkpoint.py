@@ -112,3 +112,33 @@ def test_saving_removes_temporary_files_of_dead_writers_only(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_variables_the_fit_cannot_change_are_read_once_yet_saved_in_every_checkpoint(tmp_path, monkeypatch):
+    """A head fitted on cached features: the frozen layers below are not in the fitted model, so the checkpoint
+    callback reads them at the start of the fit, not every epoch; every file still holds every variable, in order."""
+    import keras
+
+    from tltoolkit.stages import checkpoint
+
+    keras.utils.set_random_seed(0)
+    below = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])  # The frozen backbone.
+    head = keras.layers.Dense(2, activation="softmax")
+    classifier = keras.Model(below.inputs, head(below.outputs[0]))
+    features = keras.Input((3,))
+    top = keras.Model(features, head(features))  # What the stage fits, on the features `below` computed.
+    top.compile(optimizer="adam", loss="categorical_crossentropy")
+    read, real = [], checkpoint.variable_values
+    monkeypatch.setattr(checkpoint, "variable_values", lambda variables: read.append(len(variables)) or real(variables))
+    store = CheckpointStore(tmp_path)
+    callback = checkpoint.CheckpointCallback(store, classifier, TrainingState(key="k", data="d"), [])
+    x, y = np.random.default_rng(0).normal(size=(8, 3)), np.eye(2)[[0, 1] * 4]
+    top.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+
+    assert read[0] == 2  # `below`'s kernel and bias, once.
+    assert read[1::2] == [2, 2, 2]  # Each epoch: the head's kernel and bias only (then the optimizer's variables).
+    saved = store.latest()
+    assert saved.state.epoch == 2
+    assert len(saved.arrays["model"]) == len(classifier.variables) == 4
+    for variable, value in zip(classifier.variables, saved.arrays["model"]):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)

@@ -257,10 +257,21 @@ class CheckpointCallback(keras.callbacks.Callback):
     ):
         super().__init__()
         self.store, self.classifier, self.state, self.rows, self.stopper = store, classifier, state, rows, stopper
+        self.fixed: dict[int, np.ndarray] = {}  # id(variable) -> its value, for variables this fit cannot change.
+
+    def on_train_begin(self, logs=None):
+        # The classifier's variables outside the fitted model (the frozen layers below cached features) cannot change
+        # during this fit: they are read once, not every epoch (for a head on cached MobileNetV2 features, reading
+        # them took most of each epoch).
+        fitted = {id(v) for v in self.model.variables}
+        fixed = [v for v in self.classifier.variables if id(v) not in fitted]
+        self.fixed = dict(zip(map(id, fixed), variable_values(fixed)))
 
     def on_epoch_end(self, epoch, logs=None):
+        variables = self.classifier.variables
+        changing = variable_values([v for v in variables if id(v) not in self.fixed])[::-1]
         arrays = {
-            "model": variable_values(self.classifier.variables),
+            "model": [self.fixed[id(v)] if id(v) in self.fixed else changing.pop() for v in variables],
             "optimizer": variable_values(self.model.optimizer.variables),
         }
         stopper = None
