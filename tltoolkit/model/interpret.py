@@ -73,13 +73,16 @@ def top_losses(paths: list[str], evaluation: Evaluation, class_names: list[str],
 def gradcam(model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Grad-CAM heat maps of `classes` (one per image) over `images` (float pixels, the model's input size), in
     [0, 1] and resized (bilinear) to the images' height and width."""
-    import keras
     import tensorflow as tf
 
-    feature_map = model.get_layer("backbone").output
-    probe = keras.Model(model.inputs, [feature_map, model.output])
+    from tltoolkit.model.build import apply_head
+
+    # The backbone runs outside the tape: the gradient is taken at its output, so recording its hundreds of
+    # operations only slowed the backward pass (0.45 s of 0.8 s for 8 images on MobileNetV2).
+    features = model.get_layer("backbone")(tf.convert_to_tensor(images, tf.float32), training=False)
     with tf.GradientTape() as tape:
-        features, probabilities = probe(tf.convert_to_tensor(images, tf.float32), training=False)
+        tape.watch(features)
+        probabilities = apply_head(model, features)
         scores = tf.gather(probabilities, tf.convert_to_tensor(classes), axis=1, batch_dims=1)
     gradients = tape.gradient(scores, features)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
