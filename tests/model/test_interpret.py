@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from conftest import tiny_recipe, use_store, write_images
 from mlflow import MlflowClient
+from PIL import Image
 
 import tltoolkit
 from tltoolkit.cli import main
@@ -34,7 +35,7 @@ def test_every_run_logs_its_interpretation(trained):
     result, _, uri = trained
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(result.run_id, "interpretation")}
-    assert {f"interpretation/{n}" for n in ("most_confused.csv", "top_losses.csv", "top_losses.png")} <= logged
+    assert {f"interpretation/{n}" for n in ("most_confused.csv", "top_losses.csv", "top_losses.jpg")} <= logged
     assert len(client.list_artifacts(result.run_id, "interpretation/gradcam")) == 4
 
 
@@ -57,7 +58,10 @@ def test_explain_names_the_highest_loss_files_and_maps_them(trained, tmp_path, m
     assert found.most_confused["count"].is_monotonic_decreasing
     files = sorted(p.name for p in (tmp_path / "out" / "gradcam").iterdir())
     assert len(files) == 5 and files[0].startswith("01_")
-    assert (tmp_path / "out" / "top_losses.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "top_losses.jpg").stat().st_size > 1000
+    for name in ["top_losses.jpg", *(f"gradcam/{f}" for f in files)]:  # Photographs: JPEG, whatever else changes.
+        with Image.open(tmp_path / "out" / name) as image:
+            assert image.format == "JPEG" and image.size[0] > 200, name
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`tltoolkit.kind` = 'explain'")
     assert len(runs) == 1 and runs["tags.tltoolkit.source_run"][0] == result.run_id
 

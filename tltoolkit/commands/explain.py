@@ -26,7 +26,7 @@ def explain(
         model: A run id, `runs:/` or `models:/` URI, MLflow model folder or `.keras` file (Grad-CAM needs the Keras
             model: an exported artifact is refused).
         data: The labelled images; class folders must be classes of the model.
-        output: Folder for `most_confused.csv`, `top_losses.csv`, `top_losses.png` and `gradcam/*.png`. Defaults to
+        output: Folder for `most_confused.csv`, `top_losses.csv`, `top_losses.jpg` and `gradcam/*.jpg`. Defaults to
             `explain-<folder name>`.
         top_losses: How many of the highest-loss images to show and map. Defaults to 8.
         tracking_uri: MLflow store. Defaults as for `run`.
