@@ -357,20 +357,30 @@ def _plain_keras_head(data: Path, epochs: int, verbose: int) -> dict:
 def head_cache(args) -> tuple[list[dict], dict]:
     """The head-only stage on ants vs bees, MobileNetV2 at 224 px, 20 epochs: feature cache vs the plain Keras way.
 
-    Goal: speedup >= 10 at the same accuracy (within 0.01). Both are timed from the image folder to a trained head;
-    the cached side is a whole `tltoolkit run` (scan, MLflow logging, feature extraction, training, evaluation).
+    Goal: speedup >= 15 in the median of 3 at the same accuracy (within noise; the limit for 20 epochs is ~20x: the
+    plain way runs the backbone over every image 20 times, the cache once). Both are timed from the image folder to
+    a trained head; the cached side is a whole `tltoolkit run` (scan, MLflow logging, feature extraction, training,
+    evaluation, calibration, interpretation report and plots). The sides alternate, 3 pairs, each pair's ratio
+    measured side by side (this host's speed drifts up to 2x within a run); the in-memory feature cache is emptied
+    before every timed run.
     """
     import numpy as np
 
     import tltoolkit
+    from tltoolkit.stages.features import CACHE
 
     data = Path(args.data or HYMENOPTERA)
     recipe = REPO / "recipes" / "search_head.yaml"
     overrides = ["search=null", "stages.0.epochs=20", "tracking.log_model=false"]
     _warm_imports(args.tracking_uri)
-    started = time.perf_counter()
-    cached = tltoolkit.run(recipe, data, overrides, args.tracking_uri, "bench-head-cache", verbose=args.verbose)
-    cached_wall = time.perf_counter() - started
+    pairs = []
+    for _ in range(3):
+        CACHE.clear()
+        started = time.perf_counter()
+        cached = tltoolkit.run(recipe, data, overrides, args.tracking_uri, "bench-head-cache", verbose=args.verbose)
+        cached_wall = time.perf_counter() - started
+        plain = _plain_keras_head(data, 20, args.verbose)
+        pairs.append((cached_wall, plain["wall_s"], plain["wall_s"] / cached_wall))
     # One run per side is one draw of shuffling and initialisation; on 153 val images one image is 0.0065. The cache
     # makes more seeds nearly free, so the cached side's spread over seeds is measured too (not timed).
     seeds = [cached.metrics["val_accuracy"]] + [
@@ -379,34 +389,38 @@ def head_cache(args) -> tuple[list[dict], dict]:
         ).metrics["val_accuracy"]
         for seed in range(43, 47)
     ]
-    plain = _plain_keras_head(data, 20, args.verbose)
+    middle = sorted(pairs, key=lambda pair: pair[2])[1]
     rows = [
         {
-            "way": "tltoolkit (feature cache)",
-            "val_accuracy": round(cached.metrics["val_accuracy"], 4),
-            "wall_s": round(cached_wall, 1),
-        },
+            "way": f"pair {i + 1}: tltoolkit (feature cache) vs plain Keras",
+            "wall_s": f"{c:.1f} vs {p:.1f}",
+            "speedup": round(r, 2),
+        }
+        for i, (c, p, r) in enumerate(pairs)
+    ]
+    rows += [
         {
-            "way": "tltoolkit, seeds 42-46 (mean, untimed)",
-            "val_accuracy": round(float(np.mean(seeds)), 4),
+            "way": "val accuracy, seed 42: tltoolkit vs plain",
             "wall_s": None,
+            "speedup": f"{cached.metrics['val_accuracy']:.4f} vs {plain['val_accuracy']:.4f}",
         },
         {
-            "way": "plain Keras (frozen base in the model)",
-            "val_accuracy": round(plain["val_accuracy"], 4),
-            "wall_s": round(plain["wall_s"], 1),
+            "way": "val accuracy, tltoolkit seeds 42-46 (mean, untimed)",
+            "wall_s": None,
+            "speedup": f"{np.mean(seeds):.4f} +- {np.std(seeds):.4f}",
         },
     ]
     figures = {
-        "speedup": round(plain["wall_s"] / cached_wall, 2),
+        "speedup": round(middle[2], 2),
+        "speedups": [round(r, 2) for _, _, r in pairs],
         "accuracy_delta": round(cached.metrics["val_accuracy"] - plain["val_accuracy"], 4),
         "val_accuracy": round(cached.metrics["val_accuracy"], 4),
         "plain_val_accuracy": round(plain["val_accuracy"], 4),
         "val_accuracy_5_seeds_mean": round(float(np.mean(seeds)), 4),
         "val_accuracy_5_seeds_std": round(float(np.std(seeds)), 4),
         "accuracy_delta_5_seeds_mean": round(float(np.mean(seeds)) - plain["val_accuracy"], 4),
-        "wall_s": round(cached_wall, 1),
-        "plain_wall_s": round(plain["wall_s"], 1),
+        "wall_s": round(middle[0], 1),
+        "plain_wall_s": round(middle[1], 1),
     }
     return rows, figures
 
