@@ -87,6 +87,10 @@ def test_one_child_run_per_stage_with_per_epoch_metrics(finished, client):
     assert head.data.params["frozen_layers"] == "11"
     assert client.get_run(result.stage_runs["finetune"]).data.params["frozen_layers"] == "0"
     assert head.data.metrics["epochs_run"] == 2 and head.data.metrics["train_images_per_s"] > 0
+    # The head trained on cached features: how long computing them took is part of its time (fine-tune has none).
+    assert head.data.params["feature_cache"] == "head"
+    assert 0 < head.data.metrics["feature_extraction_s"] < head.data.metrics["wall_s"]
+    assert "feature_extraction_s" not in client.get_run(result.stage_runs["finetune"]).data.metrics
     assert {"curves.png", "evaluation/final_val_confusion_matrix.png"} <= set(artifact_paths(client, head.info.run_id))
 
 

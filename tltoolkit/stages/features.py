@@ -126,6 +126,7 @@ class CachedInputs:
     train: tf.data.Dataset  # The stage's epochs (see `epoch_stream`), in the image stream's order.
     val: tf.data.Dataset
     cut: str  # The first layer above the cut, or "head" when the whole backbone is frozen.
+    extraction_s: float = 0.0  # Seconds spent computing the features for this stage (0: the cache had them).
 
 
 @dataclass
@@ -231,7 +232,9 @@ class FeatureSource:
             self.seed if self.data.augment.continuous else None,  # Augmented copies are drawn from the seed.
         )
         above = "head" if whole else backbone.layers[frozen].name
+        started, misses = time.perf_counter(), self.cache.misses
         features = self.cache.get(key, lambda: self._compute(backbone, cached, above, verbose))
+        extraction_s = time.perf_counter() - started if self.cache.misses > misses else 0.0
         top = _top_model(model, backbone, (cut, cached), frozen, list(auxiliary))
         train = _feature_dataset(
             features["train"],
@@ -242,7 +245,7 @@ class FeatureSource:
             self.variants,
         )
         val = _feature_dataset(features["val"], self.parts["val"], self.num_classes, self.data.batch_size)
-        return CachedInputs(top, train, val, above)
+        return CachedInputs(top, train, val, above, extraction_s)
 
     def _fits(self, cached: list) -> bool:
         """Whether the features of every train and val image fit under `MAX_BYTES` (else a note says so)."""

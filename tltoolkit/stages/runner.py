@@ -50,6 +50,7 @@ class ClassifierOutcome:
     eval_data: object = None  # Validation batches for `eval_model`, in file order.
     input_path: str = ""  # What the stage trained on and why ("on cached features below ...", "through the ...").
     train_images_per_s: float | None = None  # Training throughput, validation excluded (`TrainPhaseTimes`).
+    feature_extraction_s: float | None = None  # On cached features: seconds computing them (0: already cached).
 
     def predict_val(self, count: int, batch_size: int) -> np.ndarray:
         """Validation probabilities of the trained model for the `count` val images, in file order (through the
@@ -71,6 +72,7 @@ class _Fit:
     leading: list = field(default_factory=list)  # Callbacks that run before the epoch is recorded.
     note: str = ""
     cached_above: str | None = None
+    feature_extraction_s: float | None = None
 
 
 def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
@@ -140,6 +142,7 @@ def _cached(training: Training, run: StageRun, cached: CachedInputs) -> _Fit:
         cached.val,
         training.class_weight,
         cached_above=cached.cut,
+        feature_extraction_s=cached.extraction_s,
     )
 
 
@@ -220,7 +223,15 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
     history = pd.DataFrame(rows, columns=["epoch"] if not rows else None)
     throughput = timer.images_per_s(len(training.train.items))
     return ClassifierOutcome(
-        history, summary, best, fit.cached_above, fit.eval_model, fit.eval_data, fit.note, throughput
+        history,
+        summary,
+        best,
+        fit.cached_above,
+        fit.eval_model,
+        fit.eval_data,
+        fit.note,
+        throughput,
+        fit.feature_extraction_s,
     )
 
 

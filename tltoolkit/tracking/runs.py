@@ -292,6 +292,8 @@ class RunTracker(TrainingHooks):
             summary["best_epoch"] = fit.best_epoch
         if fit.train_images_per_s is not None:
             summary["train_images_per_s"] = fit.train_images_per_s
+        if fit.feature_extraction_s is not None:
+            summary["feature_extraction_s"] = fit.feature_extraction_s
         self._log_metrics(run_id, summary)
         log_curves(self.client, run_id, outcome.history, f"{self.run_name} / {name}", "curves.png")
         log_evaluation(self.client, run_id, outcome.evaluation, self.folder.class_names, "final_val")
