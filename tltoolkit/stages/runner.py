@@ -226,12 +226,12 @@ def _fit(training: Training, run: StageRun, summary: TrainableSummary, fit: _Fit
         history,
         summary,
         best,
-        fit.cached_above,
-        fit.eval_model,
-        fit.eval_data,
-        fit.note,
-        throughput,
-        fit.feature_extraction_s,
+        cached_above=fit.cached_above,
+        eval_model=fit.eval_model,
+        eval_data=fit.eval_data,
+        input_path=fit.note,
+        train_images_per_s=throughput,
+        feature_extraction_s=fit.feature_extraction_s,
     )
 
 
