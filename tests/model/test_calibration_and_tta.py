@@ -52,6 +52,28 @@ def test_an_overconfident_models_ece_drops_and_the_temperature_lives_in_the_mode
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), after, atol=1e-6)
 
 
+def test_a_temperature_that_would_not_help_held_out_val_images_is_not_applied_and_the_log_says_so(caplog):
+    rng = np.random.default_rng(3)
+    confidence = rng.uniform(0.55, 0.95, 300)
+    probabilities = np.stack([confidence, 1 - confidence], axis=1)
+    labels = (rng.random(300) > confidence).astype(int)  # Calibrated already: right as often as it says.
+    model = _classifier_model()
+    caplog.set_level("INFO", logger="tltoolkit")
+    assert calibrate(model, evaluate_probabilities(labels, probabilities, ["a", "b"])) is None
+    assert model.layers[-1].temperature == 1.0
+    assert "would not lower the log loss of val images it was not fitted on (cross-validated" in caplog.text
+
+
+def test_the_calibration_log_gives_both_losses_and_both_eces(caplog):
+    labels, probabilities = _overconfident()
+    caplog.set_level("INFO", logger="tltoolkit")
+    calibration = calibrate(_classifier_model(), evaluate_probabilities(labels, probabilities, ["a", "b"]))
+    assert calibration.held_out_after < calibration.held_out_before and calibration.loss_after < calibration.loss_before
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibrated on"))
+    assert f"val log loss {calibration.loss_before:.4f} -> {calibration.loss_after:.4f}" in line
+    assert f"expected calibration error {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}" in line
+
+
 def test_no_temperature_from_too_few_images_or_a_perfect_split():
     labels, probabilities = _overconfident(20)
     model = _classifier_model()

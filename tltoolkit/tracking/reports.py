@@ -55,10 +55,16 @@ def log_evaluation(
 
 
 def log_calibration(client: MlflowClient, run_id: str, calibration, step: int = 0) -> None:
-    """`val_ece_uncalibrated` and `temperature` (`val_ece` comes with the val scores), the reliability diagram and
-    its table."""
+    """`val_ece_uncalibrated`, `temperature`, the val log loss before and cross-validated both ways (`val_ece` and
+    `val_loss` come with the val scores), the reliability diagram and its table."""
     now = int(time.time() * 1000)
-    metrics = {"val_ece_uncalibrated": calibration.ece_before, "temperature": calibration.temperature}
+    metrics = {
+        "val_ece_uncalibrated": calibration.ece_before,
+        "temperature": calibration.temperature,
+        "val_loss_uncalibrated": calibration.loss_before,
+        "val_loss_cv_uncalibrated": calibration.held_out_before,
+        "val_loss_cv_calibrated": calibration.held_out_after,
+    }
     client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
     ece = (calibration.ece_before, calibration.ece_after)
     figure = reliability_figure(
