@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -106,6 +107,71 @@ def test_predict_takes_a_loaded_classifier_for_many_calls_and_logs_its_speed(tra
         again = predict(loaded, [data], tracking_uri=uri)
         pd.testing.assert_frame_equal(again, by_reference, atol=1e-6)
     assert caplog.text.count(f"Predicted {len(by_reference)} image(s) in ") == 3 and "images/s" in caplog.text
+
+
+def test_predict_streams_its_csv_and_resume_finishes_what_an_interrupted_call_left(trained, tmp_path, caplog):
+    import mlflow
+
+    from tltoolkit.commands import predict as predicting
+    from tltoolkit.commands.predict import predict
+    from tltoolkit.errors import DataError
+
+    _, uri, data, run_id = trained
+    mlflow.set_tracking_uri(uri)
+    whole = tmp_path / "whole.csv"
+    reference = predict(run_id, [data], output=whole, batch_size=4, tracking_uri=uri)
+    assert len(reference) == 18 and len(pd.read_csv(whole)) == 18
+
+    writes = []
+    original = predicting.PredictionWriter._write
+
+    def killed_after_two_batches(self, *args):
+        if len(writes) == 2:
+            self._handle.write("/half/a/li")  # Where a kill mid-write leaves the file.
+            self._handle.flush()
+            raise KeyboardInterrupt
+        writes.append(args)
+        original(self, *args)
+        self._handle.flush()
+
+    partial = tmp_path / "partial.csv"
+    predicting.PredictionWriter._write = killed_after_two_batches
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predict(run_id, [data], output=partial, batch_size=4, tracking_uri=uri)
+    finally:
+        predicting.PredictionWriter._write = original
+    assert partial.read_text().count("\n") == 9, "the header and two batches of rows, then a torn line"
+    caplog.set_level("INFO", logger="tltoolkit")
+    resumed = predict(run_id, [data], output=partial, batch_size=4, tracking_uri=uri, resume=True)
+    assert "8 image(s) already predicted, 10 to go" in caplog.text
+    pd.testing.assert_frame_equal(resumed, reference, atol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_csv(partial), pd.read_csv(whole), atol=1e-6)
+    with pytest.raises(DataError, match="has the columns .* not the .* this call writes"):
+        predict(run_id, [data], output=partial, top_k=2, tracking_uri=uri, resume=True)
+    assert main(["predict", run_id, str(data), "--resume", "--tracking-uri", uri]) == 2
+
+
+def test_scan_reports_the_folder_and_cache_lists_and_clears_the_disk_caches(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TLTOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_images(tmp_path / "photos", per_class=4)
+    (data / "red" / "notes.txt").write_text("not an image")
+    manifest, skipped = tmp_path / "manifest.csv", tmp_path / "skipped.csv"
+    assert main(["scan", str(data), "--manifest", str(manifest), "--skipped", str(skipped)]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes, train 9, val 3" in out and "notes.txt" in out and "Scanned 13 files" in out
+    assert len(pd.read_csv(manifest)) == 12 and list(pd.read_csv(skipped).columns) == ["path", "reason"]
+    from tltoolkit.data.arrays import DiskRows
+
+    rows = DiskRows(tmp_path / "cache" / "arrays" / "images-test", 4, (2,), "uint8", "4 test rows")
+    rows.append(np.zeros((4, 2), "uint8"))
+    rows.close()
+    assert main(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "4 test rows" in listing and "scans" in listing
+    assert main(["cache", "clear"]) == 0
+    assert "Removed 2 cache entries" in capsys.readouterr().out
+    assert not (tmp_path / "cache" / "arrays" / "images-test").exists()
 
 
 def test_evaluate_logs_metrics_and_confusion_matrix(trained, capsys):

@@ -19,6 +19,7 @@ from tltoolkit.commands.export import ExportOptions, ExportResult, export
 from tltoolkit.commands.probe import ProbeOutcome, probe
 from tltoolkit.commands.register import register
 from tltoolkit.commands.run import RunResult, run
+from tltoolkit.commands.scan import scan
 from tltoolkit.commands.tune import Distributed, TuneResult, tune
 from tltoolkit.errors import TltoolkitError
 from tltoolkit.recipe import Recipe, load_recipe
@@ -46,5 +47,6 @@ __all__ = [
     "register_backbone",
     "register_weight_source",
     "run",
+    "scan",
     "tune",
 ]

@@ -191,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--backbone", default="mobilenet_v2", help="for --imagenet (default: mobilenet_v2)")
     predict.add_argument("--weights", help="for --imagenet: the weight source (default: one usable offline)")
     predict.add_argument("--top-k", type=int, help="classes per image (default: 3, or 5 with --imagenet)")
-    predict.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
+    predict.add_argument("--output", "-o", help="CSV file to write, batch by batch (default: stdout, at the end)")
+    predict.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the --output an interrupted predict left: only the images it lacks",
+    )
     _add_tta_flag(predict, "average each image's prediction over its mirror (and 4 corner crops)")
     _add_tracking_flag(predict)
 
@@ -253,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
     server.add_argument("--workers", type=int, help="MLflow server worker processes (default: MLflow's)")
+
+    scan = command("scan", help="check an image folder as training would: classes, split, every file, what is skipped")
+    scan.add_argument("data", help="image folder: class subfolders, or train/ + val/ [+ test/] subfolders")
+    scan.add_argument("--val-split", type=float, default=0.2, help="as the recipe's data.val_split (default: 0.2)")
+    scan.add_argument("--seed", type=int, default=42, help="as the recipe's seed (default: 42)")
+    scan.add_argument("--manifest", metavar="CSV", help="write every used file with its class and part")
+    scan.add_argument("--skipped", metavar="CSV", help="write the skipped files with the reason")
+
+    cache = command(
+        "cache", help="list the tltoolkit cache folder (disk caches of images and features...), or clear it"
+    )
+    cache.add_argument("action", nargs="?", default="list", choices=["list", "clear"])
+    cache.add_argument("--all", action="store_true", help="clear: also converted weights and downloaded wheels")
 
     listing = command(
         "backbones", help="list backbones and their weight sources, or the layers of one (to choose freeze points)"
@@ -351,12 +369,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tltoolkit.commands.predict import predict, predict_imagenet
 
         if args.imagenet:
-            table = predict_imagenet(args.items, args.backbone, args.weights, args.top_k or 5, args.output)
+            table = predict_imagenet(
+                args.items,
+                args.backbone,
+                args.weights,
+                args.top_k or 5,
+                args.output,
+                resume=args.resume,
+            )
         elif len(args.items) < 2:
             raise TltoolkitError("give the model, then image files or folders (or --imagenet and images only)")
         else:
             table = predict(
-                args.items[0], args.items[1:], args.top_k or 3, args.output, args.tracking_uri, tta=args.tta
+                args.items[0],
+                args.items[1:],
+                args.top_k or 3,
+                args.output,
+                args.tracking_uri,
+                tta=args.tta,
+                resume=args.resume,
             )
         if not args.output:
             table.to_csv(sys.stdout, index=False, float_format="%.6f")
@@ -394,6 +425,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return server(
             args.dir, args.backend_store_uri, args.artifacts, args.host, args.port, args.allowed_hosts, args.workers
         )
+    elif args.command == "scan":
+        from tltoolkit.commands.scan import scan
+
+        scan(args.data, args.val_split, args.seed, args.manifest, args.skipped, progress=not args.quiet)
+    elif args.command == "cache":
+        from tltoolkit.cache import cache_dir
+        from tltoolkit.commands.cache import cache_entries, clear_cache
+
+        if args.action == "clear":
+            clear_cache(args.all)
+            return 0
+        table = cache_entries()
+        print(f"Cache folder: {cache_dir()} ({table['size_mb'].sum():.1f} MB)")
+        print(table.drop(columns="path").to_string(index=False) if len(table) else "(empty)")
     elif args.command == "backbones":
         from tltoolkit.commands.backbones import backbone_layers, backbones, weight_sources
 

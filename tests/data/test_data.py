@@ -1,4 +1,5 @@
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -319,14 +320,14 @@ def test_epoch_streams_are_set_up_lazily_and_any_epoch_starts_where_it_would_be(
 def test_a_folder_that_cannot_be_read_is_one_error_naming_it(tmp_path, monkeypatch):
     root = write_images(tmp_path / "photos", per_class=3)
     locked = root / "green"
-    original = Path.iterdir
+    original = os.scandir
 
-    def iterdir(self):
-        if self == locked:  # What chmod 000 does to a user who is not root.
-            raise PermissionError(13, "Permission denied", str(self))
-        return original(self)
+    def scandir(path="."):
+        if Path(path) == locked:  # What chmod 000 does to a user who is not root.
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path)
 
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(DataError, match=f"Cannot read the folder {locked} \\(Permission denied\\).*chmod"):
         prepare_data(root, 0.34, seed=0, progress=False)
 

@@ -84,10 +84,10 @@ def test_flip_aware_cache_trains_the_same_head_as_flipping_images(image_folder, 
     variants = {"horizontal": 2, "horizontal_and_vertical": 4}[flip]
     assert (
         fast_outcome.input_path == f"on cached features below `head` ({variants} mirror images of each training "
-        "image, one drawn per epoch)"
+        "image, one drawn per epoch; pooled, in memory)"
     )
     features = next(iter(cache.entries.values()))
-    assert features["train"][0].shape[1] == variants, "features of each mirror image"
+    assert features["train"].shape == (variants, 32), "the pooled features (32 channels) of each mirror image"
     for name in ("head_dense0", "predictions"):
         for a, b in zip(plain.get_layer(name).get_weights(), fast.get_layer(name).get_weights()):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -114,9 +114,9 @@ def test_continuous_augmentation_is_cached_as_k_copies_only_when_asked(image_fol
     assert copied.cached_above == "head"
     assert copied.input_path == (
         "on cached features below `head` (3 augmented copies (data.feature_cache_copies, an approximation) of each "
-        "training image, one drawn per epoch)"
+        "training image, one drawn per epoch; pooled, in memory)"
     )
-    train = next(iter(cache.entries.values()))["train"][0]
+    train = next(iter(cache.entries.values()))["train"].array
     assert train.shape[1] == 3 and not np.allclose(train[:, 0], train[:, 1]), "three different copies of each image"
     assert np.isfinite(copied.history["loss"]).all()
     train_head(image_folder, True, cache, **changes, seed=7)
@@ -207,6 +207,10 @@ def test_run_uses_the_cache_for_the_head_stage_and_logs_it(image_folder):
 
     params = {stage: MlflowClient().get_run(rid).data.params for stage, rid in result.stage_runs.items()}
     assert params["head"]["feature_cache"] == "head"
-    assert params["head"]["input_path"] == "on cached features below `head`"
+    assert params["head"]["input_path"] == "on cached features below `head` (pooled, in memory)"
     assert params["finetune"]["feature_cache"] == "off"
-    assert params["finetune"]["input_path"] == "through the backbone (nothing is frozen)"
+    assert params["finetune"]["input_path"] == "through the backbone (nothing is frozen; images from the memory cache)"
+    parent = MlflowClient().get_run(result.run_id).data.params
+    assert parent["cache.features_below_head"].startswith("memory (")
+    assert parent["cache.train_images"].startswith("memory (") and parent["cache.val_images"].startswith("memory (")
+    assert int(parent["data.memory_budget_mb"]) > 0 and parent["data.memory_budget"] == "auto"

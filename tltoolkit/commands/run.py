@@ -142,7 +142,7 @@ def _resume_key(recipe: Recipe, data_dir, unlabeled=None) -> str:
 def _data_digest(folder, legacy: bool = False) -> str:
     """The images of every part, their paths relative to the data folder (`legacy`: as typed, as checkpoints made
     before that recorded them), so `--resume` works however the folder is typed."""
-    from tltoolkit.stages.features import data_digest
+    from tltoolkit.data.scan import data_digest
 
     items = [item for part in sorted(folder.parts) for item in folder.parts[part]]
     return data_digest(items) if legacy else data_digest(items, folder.root)

@@ -1,18 +1,28 @@
-"""tf.data input pipelines: parallel decode, resize, cache, shuffle, batch, augment (training only), prefetch."""
+"""tf.data input pipelines: parallel decode and resize (or a cache of decoded images), shuffled indices, batch,
+augment (training only), prefetch."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 
 import numpy as np
 import tensorflow as tf
 
+from tltoolkit.data.arrays import DISK, MEMORY, MEMORY_CACHE, NONE, DiskRows, MemoryRows, Rows, cache_key
+from tltoolkit.data.budget import size_text
 from tltoolkit.data.images import load_image_array
 from tltoolkit.data.split import Item
 from tltoolkit.errors import DataError
+from tltoolkit.progress import Progress
 from tltoolkit.recipe import AugmentConfig, DataConfig
+
+_logger = logging.getLogger(__name__)
+
+# Decoded images kept in memory, shared by the sessions and trials of this process (with the features).
+IMAGES = MEMORY_CACHE
 
 # How many mirror images each `augment.flip` gives: the finite augmentation the feature cache can serve.
 FLIP_VARIANTS = {"none": 1, "horizontal": 2, "vertical": 2, "horizontal_and_vertical": 4}
@@ -69,6 +79,20 @@ def mirrors(image: tf.Tensor, flip: str) -> tf.Tensor:
     return tf.stack([mirror(image, v, flip) for v in range(FLIP_VARIANTS[flip])])
 
 
+def mirror_batch(images: tf.Tensor, variants: tf.Tensor, flip: str) -> tf.Tensor:
+    """`mirror` for a batch: `images` (batch, height, width, channels), each as its own variant of `variants`."""
+    if flip == "none":
+        return images
+    variants = tf.reshape(tf.cast(variants, tf.int32), [-1, 1, 1, 1])
+    if flip in ("horizontal", "horizontal_and_vertical"):
+        images = tf.where(tf.equal(variants % 2, 1), tf.reverse(images, [2]), images)
+    if flip == "vertical":
+        images = tf.where(tf.equal(variants, 1), tf.reverse(images, [1]), images)
+    if flip == "horizontal_and_vertical":
+        images = tf.where(variants >= 2, tf.reverse(images, [1]), images)
+    return images
+
+
 def _decode(size: int, resize: str, interpolation: str):
     def load(path: tf.Tensor) -> tf.Tensor:
         image = tf.numpy_function(
@@ -109,6 +133,7 @@ def epoch_stream(
     first_epoch: int = 0,
     last_epoch: int = 1,
     per_example=None,
+    per_batch=None,
 ) -> tf.data.Dataset:
     """Batches of epochs `first_epoch` to `last_epoch - 1`, one after another, each epoch's order a function of
     `(seed, stream, epoch)` alone.
@@ -127,6 +152,7 @@ def epoch_stream(
         first_epoch: The epoch to start at.
         last_epoch: One past the last epoch.
         per_example: `epoch -> function` mapped over each epoch's shuffled examples before batching (the flips).
+        per_batch: A function mapped over each batch (reading a cache's rows by their indices).
     """
     base = (seed * 1_000_003 + stream * 10_007) % 2**31
     if last_epoch <= first_epoch:
@@ -136,7 +162,10 @@ def epoch_stream(
         shuffled = examples.shuffle(size, seed=base + epoch, reshuffle_each_iteration=False)
         if per_example is not None:
             shuffled = shuffled.map(per_example(epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return shuffled.batch(batch_size)
+        batched = shuffled.batch(batch_size)
+        if per_batch is not None:
+            batched = batched.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return batched
 
     if tf.compat.v1.get_seed(1)[0] % (2**31 - 1) == 0:
         # A global seed of 0 makes TensorFlow compare the op seed in Python (`random_seed.get_seed`), which a tensor
@@ -156,34 +185,226 @@ def steps_per_epoch(size: int, batch_size: int) -> int:
     return max(1, math.ceil(size / batch_size))
 
 
+class ImageRows:
+    """The decoded images of `items` (`(size, size, 3)` uint8, as `config` reads them), by index: from a cache
+    filled once (`where` memory or disk, see `tltoolkit.data.arrays`), or decoded each time they are read (none).
+
+    Args:
+        items: `(path, label)` pairs.
+        config: The recipe's `data` section (image size, resize mode, filter, batch size).
+        where: `memory`, `disk` or `none`. Defaults to `none`.
+        name: What they are, for the logs (`train images`).
+        memory: Where memory caches are shared (trials of one process reuse them). Defaults to `IMAGES`.
+
+    `fill()` decodes what the cache lacks (a disk cache resumes after its last finished shard); a disk cache that
+    cannot be written (full disk, unwritable folder) falls back to decoding, with a warning.
+    """
+
+    def __init__(self, items: list[Item], config: DataConfig, where: str = NONE, name: str = "images", memory=None):
+        self.items, self.config, self.where, self.name = items, config, where, name
+        self.memory = IMAGES if memory is None else memory
+        self.paths = [path for path, _ in items]
+        self.labels = np.array([label for _, label in items], dtype=np.int32)
+        self.store: Rows | None = None
+        self.note = ""  # Why the cache is not where the plan put it (a disk that refused it), for logs.
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.config.image_size, self.config.image_size, 3)
+
+    def key(self) -> tuple:
+        """What decides the pixels: the files (paths, sizes, mtimes), the size, resize mode and filter."""
+        from tltoolkit.data.scan import SCAN_VERSION, content_digest
+
+        config = self.config
+        return (
+            "images",
+            content_digest(self.items),
+            config.image_size,
+            config.resize,
+            config.interpolation,
+            SCAN_VERSION,
+        )
+
+    def fill(self, verbose: bool = True) -> ImageRows:
+        """Opens the cache (memory or disk) and decodes into it what it lacks; returns itself."""
+        if self.where == NONE or self.store is not None:
+            return self
+        key = self.key()
+        try:
+            if self.where == MEMORY:
+                self.store = self.memory.get(key, lambda: self._filled(self._in_memory(key), verbose))
+            else:
+                self.store = self._filled(self._disk(key), verbose)
+        except OSError as exc:
+            self._fall_back(exc)
+        return self
+
+    def _disk(self, key: tuple) -> DiskRows:
+        from tltoolkit import cache as cache_folder
+
+        folder = cache_folder.arrays_dir() / f"images-{cache_key(*key)}"
+        rows = DiskRows(
+            folder,
+            len(self),
+            self.shape,
+            np.uint8,
+            f"{len(self)} {self.name} at {self.shape[0]} px",
+            self.config.batch_size,
+        )
+        if not rows.complete:
+            cache_folder.make_room(rows.nbytes - rows.start * rows.row_bytes, keep=folder)
+        return rows
+
+    def _in_memory(self, key: tuple) -> MemoryRows:
+        """Empty rows in memory, or a finished disk cache of these images read back (no decoding)."""
+        disk = self._disk_copy(key)
+        rows = MemoryRows(len(self), self.shape, np.uint8, disk)
+        if disk is not None:
+            disk.close()
+        return rows
+
+    def _disk_copy(self, key: tuple) -> Rows | None:
+        """A finished disk cache of these very images, to read back instead of decoding (else `None`)."""
+        from tltoolkit import cache as cache_folder
+
+        folder = cache_folder.arrays_dir() / f"images-{cache_key(*key)}"
+        if not (folder / "meta.json").exists():
+            return None
+        try:
+            rows = DiskRows(folder, len(self), self.shape, np.uint8, multiple=self.config.batch_size)
+        except OSError:
+            return None
+        return rows if rows.complete else None
+
+    def _filled(self, rows: Rows, verbose: bool) -> Rows:
+        if rows.complete:
+            if rows.where == DISK:
+                _logger.info("%s: reusing the disk cache in %s.", self.name.capitalize(), rows.folder)
+            return rows
+        left = len(self) - rows.start
+        where = f"the disk cache ({size_text(rows.nbytes)} in {rows.folder})" if rows.where == DISK else "memory"
+        resumed = f", continuing after {rows.start:,} already cached" if rows.start else ""
+        _logger.info("Decoding %s %s into %s%s...", f"{left:,}", self.name, where, resumed)
+        progress = Progress(left, "images", verbose)
+        with readable_images():
+            for batch in self._decoded_from(rows.start):
+                rows.append(batch)
+                progress.advance(len(batch))
+        return rows
+
+    def _decoded_from(self, start: int):
+        """uint8 batches of the images from `start` on, decoded in parallel, in order."""
+        ds = tf.data.Dataset.range(start, len(self)).map(self._decode_index(), num_parallel_calls=tf.data.AUTOTUNE)
+        yield from ds.batch(self.config.batch_size).prefetch(2).as_numpy_iterator()
+
+    def _fall_back(self, exc: OSError) -> None:
+        self.note = f"{self.where} cache refused ({exc.strerror or exc}): decoded each time instead"
+        _logger.warning(
+            "%s: the %s cache could not be written (%s); decoding them each time instead, no cache.",
+            self.name.capitalize(),
+            self.where,
+            exc.strerror or exc,
+        )
+        self.where, self.store = NONE, None
+
+    def _decode_index(self):
+        """`index -> uint8 image`, decoding the file (parallel calls decode at once: Pillow releases the GIL)."""
+        paths, config = self.paths, self.config
+
+        def load(index):
+            image = tf.numpy_function(
+                lambda i: load_image_array(paths[int(i)], config.image_size, config.resize, config.interpolation),
+                [index],
+                tf.uint8,
+                stateful=False,
+            )
+            image.set_shape(self.shape)
+            return image
+
+        return load
+
+    def by_index(self):
+        """`(per_example, per_batch)` for `epoch_stream`: with a cache, images are read per batch of indices; without,
+        each index is decoded on its own (in parallel). Either maps `index -> image` (the batch's rows)."""
+        if self.store is None:
+            return self._decode_index(), None
+        store, shape = self.store, self.shape
+
+        def read(indices):
+            images = tf.numpy_function(store.read, [indices], tf.uint8, stateful=False)
+            images.set_shape((None, *shape))
+            return images
+
+        return None, read
+
+    def batches(self, num_classes: int) -> tf.data.Dataset:
+        """`(float32 pixels, one-hot labels)` batches in file order, for scoring."""
+        per_example, per_batch = self.by_index()
+        labels = tf.constant(self.labels)
+        ds = tf.data.Dataset.range(len(self))
+        if per_example is not None:
+            ds = ds.map(lambda i: (per_example(i), tf.gather(labels, i)), num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.batch(self.config.batch_size)
+        else:
+            ds = ds.batch(self.config.batch_size).map(lambda i: (per_batch(i), tf.gather(labels, i)))
+        return ds.map(_to_float(num_classes), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
 class TrainingBatches:
-    """The training set: decoded (and cached) once, served as an endless, resumable stream of shuffled epochs.
+    """The training set: served as an endless, resumable stream of shuffled epochs, its images decoded each time or
+    read from a cache (`ImageRows`).
 
     Args:
         items: `(path, label)` pairs from `prepare_data`.
         num_classes: Width of the one-hot labels.
-        config: The recipe's `data` section (image size, batch size, resize mode, cache, augmentation).
+        config: The recipe's `data` section (image size, batch size, resize mode, augmentation).
         seed: Seeds the epochs' orders and the augmentation.
+        images: Where the images come from. Defaults to decoding them each time (no cache).
 
     `epochs(stream, first_epoch, last_epoch)` gives the batches of `epoch_stream`, cast to float32 with one-hot labels
-    and augmented; `steps_per_epoch` is what `fit` needs with them.
+    and augmented; `steps_per_epoch` is what `fit` needs with them. Only indices are shuffled, so memory does not grow
+    with the images' size or number.
     """
 
-    def __init__(self, items: list[Item], num_classes: int, config: DataConfig, seed: int = 42):
+    def __init__(
+        self, items: list[Item], num_classes: int, config: DataConfig, seed: int = 42, images: ImageRows | None = None
+    ):
         self.items, self.num_classes, self.config, self.seed = items, num_classes, config, seed
         self.steps_per_epoch = steps_per_epoch(len(items), config.batch_size)
-        self._examples = _decoded(items, config)
+        self.images = images if images is not None else ImageRows(items, config)
 
     def epochs(self, stream: int = 0, first_epoch: int = 0, last_epoch: int = 1) -> tf.data.Dataset:
-        examples, flip = self._examples, self.config.augment.flip
-        per_example = None
-        if flip != "none":
-            examples = tf.data.Dataset.zip(examples, tf.data.Dataset.range(len(self.items)))
-            per_example = drawn(
-                self.seed, stream, FLIP_VARIANTS[flip], lambda example, v: (mirror(example[0], v, flip), example[1])
-            )
+        flip, variants = self.config.augment.flip, FLIP_VARIANTS[self.config.augment.flip]
+        decode, read = self.images.fill().by_index()
+        labels = tf.constant(self.images.labels)
+        seed = self.seed
+
+        def per_example(epoch):
+            def example(index):
+                variant = draw_variant(seed, stream, epoch, index, variants) if flip != "none" else tf.constant(0)
+                if decode is not None:
+                    return mirror(decode(index), variant, flip), tf.gather(labels, index)
+                return index, variant
+
+            return example
+
+        def per_batch(indices, variant):
+            return mirror_batch(read(indices), variant, flip), tf.gather(labels, indices)
+
         ds = epoch_stream(
-            examples, len(self.items), self.config.batch_size, self.seed, stream, first_epoch, last_epoch, per_example
+            tf.data.Dataset.range(len(self.items)),
+            len(self.items),
+            self.config.batch_size,
+            seed,
+            stream,
+            first_epoch,
+            last_epoch,
+            per_example,
+            per_batch if decode is None else None,
         )
         ds = ds.map(_to_float(self.num_classes), num_parallel_calls=tf.data.AUTOTUNE)
         augmenter = build_augmenter(self.config.augment, self.seed)
@@ -203,16 +424,6 @@ def drawn(seed: int, stream: int, variants: int, choose):
     return per_example
 
 
-def _decoded(items: list[Item], config: DataConfig) -> tf.data.Dataset:
-    """`(uint8 image, label)` examples in file order, decoded in parallel, cached in memory if `config.cache`."""
-    paths = np.array([path for path, _ in items], dtype=object).astype(str)
-    labels = np.array([label for _, label in items], dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    load = _decode(config.image_size, config.resize, config.interpolation)
-    ds = ds.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.cache() if config.cache else ds
-
-
 def _to_float(num_classes: int):
     return lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes))
 
@@ -224,21 +435,22 @@ def image_dataset(
     *,
     training: bool = False,
     seed: int = 42,
+    images: ImageRows | None = None,
 ) -> tf.data.Dataset:
     """Batches of `(float32 RGB pixels in [0, 255], one-hot labels)`.
 
     Args:
         items: `(path, label)` pairs from `prepare_data`.
         num_classes: Width of the one-hot labels.
-        config: The recipe's `data` section (image size, batch size, resize mode, cache, augmentation).
+        config: The recipe's `data` section (image size, batch size, resize mode, augmentation).
         training: One shuffled, augmented epoch (epoch 0 of `TrainingBatches`; train with `TrainingBatches` itself).
             Otherwise the file order, no augmentation.
         seed: Seeds shuffling and augmentation.
+        images: Where the images come from (a cache). Defaults to decoding them as they are read.
     """
     if training:
-        return TrainingBatches(items, num_classes, config, seed).epochs()
-    ds = _decoded(items, config).batch(config.batch_size)
-    return ds.map(_to_float(num_classes), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        return TrainingBatches(items, num_classes, config, seed, images).epochs()
+    return (images if images is not None else ImageRows(items, config)).fill().batches(num_classes)
 
 
 def resized_images(paths: list[str], config: DataConfig) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ import pandas as pd
 
 from tltoolkit.data.images import UnreadableImage, read_image, skip_reason
 from tltoolkit.errors import DataError
+from tltoolkit.progress import Progress
 
 SPLITS = ("train", "val", "test")
 
@@ -50,71 +50,127 @@ def list_files(folder: Path) -> list[Path]:
 
 # Bump when what `check_files` accepts or rejects changes, so cached verdicts from older rules are not reused.
 SCAN_VERSION = 1
+CHUNK = 4096  # Files checked per round: what is in flight (paths, futures, verdicts) stays this small.
 
 
 class ScanCache:
     """Verdicts of earlier scans, keyed by path, size and modification time: an unchanged file is not decoded again.
 
-    One JSON file per scanned folder in `<cache dir>/scans/`. A file whose size or mtime changed is checked again;
-    a damaged or foreign cache file is ignored (and rewritten).
+    One SQLite database per scanned folder in `<cache dir>/scans/` (the standard library's `sqlite3`: a million
+    verdicts are looked up and written in chunks, never loaded whole). A file whose size or mtime changed is checked
+    again; a damaged or foreign database is ignored (and replaced); one that cannot be written (a read-only home)
+    only costs the next scan's time.
 
     Args:
-        root: The folder the files are under (names the cache file).
-        folder: Where cache files go. Defaults to `<tltoolkit cache>/scans`.
+        root: The folder the files are under (names the database).
+        folder: Where databases go. Defaults to `<tltoolkit cache>/scans`.
     """
 
     def __init__(self, root: Path, folder: Path | None = None):
+        import sqlite3
+
         from tltoolkit.cache import cache_dir
 
         key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
-        self.path = (folder or cache_dir() / "scans") / f"{key}.json"
-        self.entries: dict[str, list] = {}
-        try:
-            saved = json.loads(self.path.read_text())
-            if saved.get("version") == SCAN_VERSION:
-                self.entries = saved["files"]
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
-
-    @staticmethod
-    def signature(path: Path) -> list:
-        stat = path.stat()
-        return [stat.st_size, stat.st_mtime_ns]
-
-    def get(self, path: Path) -> tuple[bool, str | None]:
-        """`(known, reason)`: whether an unchanged verdict exists, and the skip reason it holds (`None`: usable)."""
-        entry = self.entries.get(str(path))
-        try:
-            if entry is not None and entry[:2] == self.signature(path):
-                return True, entry[2]
-        except OSError:
-            pass
-        return False, None
-
-    def put(self, path: Path, reason: str | None) -> None:
-        try:
-            self.entries[str(path)] = [*self.signature(path), reason]
-        except OSError:  # Vanished since: nothing to remember.
-            pass
-
-    def save(self) -> None:
-        """Writes atomically; a cache that cannot be written (read-only home) only costs the next scan's time."""
+        self.path = (folder or cache_dir() / "scans") / f"{key}.sqlite"
+        self._db = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps({"version": SCAN_VERSION, "files": self.entries}))
-            os.replace(temporary, self.path)
-        except OSError:
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS verdicts (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, reason TEXT)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (version INTEGER)")
+            version = self._db.execute("SELECT version FROM meta").fetchone()
+            if version is None or version[0] != SCAN_VERSION:
+                self._db.execute("DELETE FROM verdicts")
+                self._db.execute("DELETE FROM meta")
+                self._db.execute("INSERT INTO meta VALUES (?)", (SCAN_VERSION,))
+            self._db.commit()
+        except (OSError, sqlite3.Error):
+            self._db = None  # No cache: every file is checked.
+
+    def known(self, files: list[str], signatures: list) -> list[tuple[bool, str | None]]:
+        """For each file (with its `[size, mtime_ns]`, or `None` where it cannot be stat'ed): `(known, reason)`,
+        whether an unchanged verdict exists and the skip reason it holds (`None`: usable)."""
+        import sqlite3
+
+        found: dict[str, tuple] = {}
+        if self._db is not None:
+            try:
+                for first in range(0, len(files), 900):  # SQLite's parameter limit.
+                    chunk = files[first : first + 900]
+                    marks = ",".join("?" * len(chunk))
+                    query = f"SELECT path, size, mtime, reason FROM verdicts WHERE path IN ({marks})"
+                    found.update((row[0], row[1:]) for row in self._db.execute(query, chunk))
+            except sqlite3.Error:
+                found = {}
+        answers = []
+        for path, signature in zip(files, signatures):
+            entry = found.get(path)
+            answers.append((True, entry[2]) if entry and signature and list(entry[:2]) == signature else (False, None))
+        return answers
+
+    def put(self, rows: list[tuple[str, list, str | None]]) -> None:
+        """Records `(path, [size, mtime_ns], reason)` verdicts (files that vanished meanwhile have no signature)."""
+        import sqlite3
+
+        if self._db is None:
+            return
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
+                [(path, sig[0], sig[1], reason) for path, sig, reason in rows if sig],
+            )
+        except sqlite3.Error:
+            self._db = None
+
+    def save(self) -> None:
+        import sqlite3
+
+        if self._db is None:
+            return
+        try:
+            self._db.commit()
+        except sqlite3.Error:
             pass
+
+    def close(self) -> None:
+        if self._db is not None:
+            self.save()
+            self._db.close()
+            self._db = None
+
+
+def signature(path: str) -> list | None:
+    """`[size, mtime_ns]` of a file, or `None` if it cannot be stat'ed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _check(path: str) -> str | None:
+    """Why `path` is not a usable image (decoded in full), or `None`."""
+    path = Path(path)
+    reason = skip_reason(path)
+    if reason is None:
+        try:
+            read_image(path)
+        except UnreadableImage as exc:
+            reason = exc.reason
+    return reason
 
 
 def check_files(
-    files: list[Path], progress: bool = True, workers: int | None = None, cache: ScanCache | None = None
+    files: list, progress: bool = True, workers: int | None = None, cache: ScanCache | None = None
 ) -> ScanResult:
-    """Decodes every file once, in parallel (Pillow releases the GIL), keeping order.
+    """Decodes every file once, in parallel (Pillow releases the GIL), keeping order; in chunks, so the paths,
+    tasks and verdicts in flight stay few however many files there are.
 
     Args:
-        files: The candidate files.
+        files: The candidate files (paths or strings).
         progress: Show a progress bar. Defaults to `True`.
         workers: Threads. Defaults to twice the CPU count, at most 16.
         cache: Earlier verdicts; files unchanged since (same size and mtime) are not decoded again, and the new
@@ -126,43 +182,32 @@ def check_files(
     result = ScanResult()
     if not files:
         return result
-    known = {f: cache.get(f) for f in files} if cache is not None else {}
-    todo = [f for f in files if not known.get(f, (False, None))[0]]
-    bar = None
-    if progress and len(todo) > 1:
-        from keras.utils import Progbar
-
-        reused = len(files) - len(todo)
-        _logger.info(
-            "Checking %d files%s", len(todo), f" ({reused} unchanged since the last scan)..." if reused else "..."
-        )
-        bar = Progbar(len(todo), unit_name="file")
-
-    def check(path: Path) -> str | None:
-        reason = skip_reason(path)
-        if reason is None:
-            try:
-                read_image(path)
-            except UnreadableImage as exc:
-                reason = exc.reason
-        return reason
-
+    if progress and len(files) > 1:
+        _logger.info("Checking %s files...", f"{len(files):,}")
+    bar = Progress(len(files), "files", progress and len(files) > 1)
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
-    verdicts: dict[Path, str | None] = {f: known[f][1] for f in files if known.get(f, (False, None))[0]}
+    reused = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (path, reason) in enumerate(zip(todo, pool.map(check, todo)), start=1):
-            verdicts[path] = reason
-            if cache is not None:
-                cache.put(path, reason)
-            if bar is not None and (done % 32 == 0 or done == len(todo)):
-                bar.update(done)
-    if cache is not None and todo:
+        for first in range(0, len(files), CHUNK):
+            chunk = [str(f) for f in files[first : first + CHUNK]]
+            signatures = list(pool.map(signature, chunk))
+            known = cache.known(chunk, signatures) if cache is not None else [(False, None)] * len(chunk)
+            todo = [path for path, (seen, _) in zip(chunk, known) if not seen]
+            verdicts = dict(zip(todo, pool.map(_check, todo)))
+            if cache is not None and todo:
+                cache.put([(p, sig, verdicts[p]) for p, sig, (seen, _) in zip(chunk, signatures, known) if not seen])
+            reused += len(chunk) - len(todo)
+            for path, (seen, reason) in zip(chunk, known):
+                reason = reason if seen else verdicts[path]
+                if reason is None:
+                    result.images.append(path)
+                else:
+                    result.skipped.append(SkippedFile(path, reason))
+            bar.update(first + len(chunk))
+    if cache is not None:
         cache.save()
-    for path in files:
-        if verdicts[path] is None:
-            result.images.append(str(path))
-        else:
-            result.skipped.append(SkippedFile(str(path), verdicts[path]))
+    if progress and reused:
+        _logger.info("  %s of them unchanged since the last scan: not decoded again.", f"{reused:,}")
     return result
 
 
@@ -199,55 +244,70 @@ def _entries(folder: Path) -> list[Path]:
         ) from None
 
 
-def class_files(folder: Path, root: Path) -> tuple[list[Path], list[SkippedFile]]:
+def class_files(folder: Path, root: Path) -> tuple[list[str], list[SkippedFile], bool]:
     """Every file under a class folder, at any depth, sorted; links are followed only where they stay inside `root`.
 
     A link that leaves `root`, is broken, or leads back to a folder already walked (a loop) is reported, never
-    silently dropped: the files used plus the entries skipped account for everything in the folder.
+    silently dropped: the files used plus the entries skipped account for everything in the folder. Returns the
+    files (as strings: a million `Path` objects would take gigabytes), the skipped entries, and whether any link was
+    followed (without one, no file can be reached twice).
     """
-    base, files, skipped, walked = root.resolve(), [], [], set()
+    base, files, skipped, walked, linked = root.resolve(), [], [], set(), []
 
-    def walk(directory: Path) -> None:
-        real = directory.resolve()
+    def walk(directory: str) -> None:
+        real = os.path.realpath(directory)
         if real in walked:
-            skipped.append(SkippedFile(str(directory), f"a link back to {real}, already scanned (a loop)"))
+            skipped.append(SkippedFile(directory, f"a link back to {real}, already scanned (a loop)"))
             return
         walked.add(real)
-        for entry in sorted(_entries(directory), key=lambda e: e.name):
+        for entry in sorted(_scandir(Path(directory)), key=lambda e: e.name):
             if entry.is_symlink():
-                target = entry.resolve()
+                linked.append(entry.path)
+                target = Path(entry.path).resolve()
                 if not target.exists():
-                    skipped.append(SkippedFile(str(entry), f"a broken link (to {target})"))
+                    skipped.append(SkippedFile(entry.path, f"a broken link (to {target})"))
                     continue
                 if not target.is_relative_to(base):
                     skipped.append(
-                        SkippedFile(str(entry), f"a link to {target}, outside {root}: copy or move it inside")
+                        SkippedFile(entry.path, f"a link to {target}, outside {root}: copy or move it inside")
                     )
                     continue
             if entry.is_dir():
-                walk(entry)
+                walk(entry.path)
             elif entry.is_file():
-                files.append(entry)
+                files.append(entry.path)
 
-    walk(folder)
-    return files, skipped
+    walk(str(folder))
+    return files, skipped, bool(linked)
+
+
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder`; one that cannot be listed is a `DataError` naming it."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise DataError(
+            f"Cannot read the folder {folder} ({exc.strerror or type(exc).__name__}); fix its permissions (e.g. "
+            f"chmod u+rx '{folder}') or move it out of the data folder."
+        ) from None
 
 
 def _distinct_files(
-    files: list[tuple[Path, int]], root: Path, names: list[str]
-) -> tuple[list[tuple[Path, int]], list[SkippedFile]]:
+    files: list[tuple[str, int]], root: Path, names: list[str]
+) -> tuple[list[tuple[str, int]], list[SkippedFile]]:
     """Each file once: a second path to the same file (through a link) is skipped, naming the first; files reached
     without a link come first, so the link is the one skipped. The same image never carries two labels."""
     base = root.resolve()
 
-    def through_link(path: Path) -> bool:
-        return path.resolve().relative_to(base) != path.relative_to(root)
+    def through_link(path: str) -> bool:
+        return Path(path).resolve().relative_to(base) != Path(path).relative_to(root)
 
-    first: dict[Path, tuple[Path, int]] = {}
+    first: dict[Path, tuple[str, int]] = {}
     skipped: dict[int, SkippedFile] = {}
     for index in sorted(range(len(files)), key=lambda i: through_link(files[i][0])):
         path, label = files[index]
-        real = path.resolve()
+        real = Path(path).resolve()
         if real not in first:
             first[real] = (path, label)
             continue
@@ -260,6 +320,38 @@ def _distinct_files(
         skipped[index] = SkippedFile(str(path), f"the same file as {other} (through a link){clash}")
     kept = [item for index, item in enumerate(files) if index not in skipped]
     return kept, [skipped[index] for index in sorted(skipped)]
+
+
+def data_digest(items: list[tuple[str, int]], root: str | Path | None = None) -> str:
+    """Paths, labels, sizes and modification times: a changed, added or removed file changes the key.
+
+    With `root`, paths count relative to it (resolved), so the same folder typed another way (absolute, relative,
+    from another working directory) gives the same key.
+    """
+    base = Path(root).resolve() if root is not None else None
+    digest = hashlib.blake2b(digest_size=16)
+    for path, label in items:
+        stat = os.stat(path)
+        name = path
+        if base is not None:
+            resolved = Path(path).resolve()
+            name = resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(resolved)
+        digest.update(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def content_digest(items: list[tuple[str, int]], labels: bool = False) -> str:
+    """Absolute paths, sizes and modification times (and labels, with `labels`): what a cache of the files' decoded
+    pixels, or of features computed from them, is keyed by, so any change to a file, or another folder, is another
+    key.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for path, label in items:
+        stat = os.stat(path)
+        digest.update(
+            f"{os.path.abspath(path)}\0{label if labels else ''}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+        )
+    return digest.hexdigest()
 
 
 def require_folder(root: str | Path) -> Path:
@@ -293,18 +385,25 @@ def scan_class_folders(root: Path, progress: bool = True) -> tuple[list[str], li
             f"({root}/cats/*.jpg, {root}/dogs/*.jpg)."
         )
     names = [d.name for d in dirs]
-    files = []
+    files, linked = [], False
     for label, folder in enumerate(dirs):
-        found, refused = class_files(folder, root)
+        found, refused, through = class_files(folder, root)
         files.extend((f, label) for f in found)
         skipped.extend(refused)
-    files, duplicates = _distinct_files(files, root, names)
-    skipped.extend(duplicates)
-    checked = check_files([f for f, _ in files], progress=progress, cache=ScanCache(root))
+        linked = linked or through
+    if linked:
+        files, duplicates = _distinct_files(files, root, names)
+        skipped.extend(duplicates)
+    cache = ScanCache(root)
+    try:
+        checked = check_files([f for f, _ in files], progress=progress, cache=cache)
+    finally:
+        cache.close()
     skipped.extend(checked.skipped)
     good = set(checked.images)
-    items = [(str(f), label) for f, label in files if str(f) in good]
-    empty = [str(d) for label, d in enumerate(dirs) if not any(lab == label for _, lab in items)]
+    items = [(f, label) for f, label in files if f in good]
+    used = {label for _, label in items}
+    empty = [str(d) for label, d in enumerate(dirs) if label not in used]
     if empty:
         raise DataError(
             f"Class folder(s) {', '.join(empty)} hold no usable image ({len(skipped)} file(s) skipped in {root}); "

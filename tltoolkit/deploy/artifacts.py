@@ -124,7 +124,8 @@ def find_export(path: Path) -> tuple[Path, ExportMetadata] | None:
 class ExportedModel:
     """Runs an exported artifact: float32 image batches `(N, H, W, 3)` in [0, 255] -> probabilities `(N, classes)`.
 
-    Has the part of `keras.Model`'s interface that prediction uses (`predict` over arrays or a tf.data dataset).
+    Has the part of `keras.Model`'s interface that prediction uses (`predict` over arrays or a tf.data dataset,
+    `predict_on_batch`).
     """
 
     def __init__(self, artifact: Path, format: str):
@@ -133,6 +134,10 @@ class ExportedModel:
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(np.ascontiguousarray(images, dtype=np.float32)), dtype=np.float32)
+
+    def predict_on_batch(self, images) -> np.ndarray:
+        """As Keras's: one batch's probabilities (streaming predictions call it batch by batch)."""
+        return self.predict_batch(np.asarray(images))
 
     def predict(self, batches, verbose: int = 0) -> np.ndarray:
         """Probabilities for an array of images or an iterable of batches (tf.data datasets included)."""

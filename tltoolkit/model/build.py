@@ -67,10 +67,11 @@ def run_subgraph(inputs: list, tensors: list, x, name: str) -> list:
     return [results[next(i for i, seen in enumerate(distinct) if seen is tensor)] for tensor in tensors]
 
 
-def apply_head(model: keras.Model, features):
-    """`model`'s layers after its backbone (pooling, head, classifier), applied to `features`: weights shared."""
+def apply_head(model: keras.Model, features, after: str = "backbone"):
+    """`model`'s layers after its backbone (pooling, head, classifier), applied to `features`: weights shared.
+    With `after="pool"`, the layers after its pooling, for features pooled already."""
     names = [layer.name for layer in model.layers]
-    for layer in model.layers[names.index("backbone") + 1 :]:
+    for layer in model.layers[names.index(after) + 1 :]:
         features = layer(features)
     return features
 

@@ -43,3 +43,29 @@ def predict_images(model: keras.Model, paths: list[str], config) -> np.ndarray:
     from tltoolkit.data.pipeline import image_batches
 
     return predict_batches(model, image_batches(paths, config), len(paths), config.batch_size, verbose=0)
+
+
+def iter_outputs(model: keras.Model, batches: tf.data.Dataset, batch_size: int):
+    """`model`'s outputs batch by batch (a list of arrays, one per output), without holding them all: for passes
+    too large to keep (a feature extraction written to disk, a million predictions written as they come).
+
+    Every batch reaches the model at `batch_size` rows (a short one is padded, then cut), so it traces once, as
+    `predict_batches` does; `predict_on_batch` runs the same compiled step `predict` runs. `batches` yields model
+    inputs only (one tensor or a tuple); decoding in `batches` runs ahead while the model runs (prefetch it).
+    """
+    for x in batches:
+        count = int(tf.nest.flatten(x)[0].shape[0])
+        outputs = model.predict_on_batch(tf.nest.map_structure(lambda t: pad_batch(t, batch_size), x))
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        yield [np.asarray(output)[:count] for output in outputs]
+
+
+def pad_batch(tensor, batch_size: int):
+    """`tensor` (a tensor or an array) with zero rows added up to `batch_size` rows (unchanged if it has as many)."""
+    if isinstance(tensor, np.ndarray):
+        missing = batch_size - len(tensor)
+        return np.concatenate([tensor, np.zeros((missing, *tensor.shape[1:]), tensor.dtype)]) if missing > 0 else tensor
+    missing = batch_size - int(tensor.shape[0])
+    if missing <= 0:
+        return tensor
+    return tf.pad(tensor, [[0, missing]] + [[0, 0]] * (tensor.shape.rank - 1))

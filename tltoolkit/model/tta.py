@@ -41,8 +41,19 @@ def _crop(box: list[float]):
 def predict_tta(model, batches: tf.data.Dataset, mode: str) -> np.ndarray:
     """The mean of `model`'s probabilities over the views of every image of `batches` (float32 images, or
     `(images, labels)` pairs)."""
-    outputs = []
-    for view in _views(mode):
-        images = batches.map(lambda x, *rest, view=view: view(x), num_parallel_calls=tf.data.AUTOTUNE)
-        outputs.append(np.asarray(model.predict(images, verbose=0)))
-    return np.mean(outputs, axis=0)
+    outputs = list(iter_tta(model, batches, mode))
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def iter_tta(model, batches, mode: str, batch_size: int | None = None):
+    """`predict_tta` batch by batch, for passes too large to keep: each batch's mean over the views (the batch
+    padded to `batch_size`, by default the first batch's size, so the model traces once)."""
+    from tltoolkit.model.inference import pad_batch
+
+    views = _views(mode)
+    for x in batches:
+        x = x[0] if isinstance(x, tuple) else x
+        count = int(x.shape[0])
+        batch_size = batch_size or count
+        padded = pad_batch(tf.convert_to_tensor(x), batch_size)
+        yield np.mean([np.asarray(model.predict_on_batch(view(padded)))[:count] for view in views], axis=0)

@@ -89,7 +89,18 @@ class DataConfig(_Section):
         description="`antialiased` (Pillow's bilinear, filter widened when shrinking, as torchvision) or `bilinear` "
         "(no antialiasing, exactly as tf.image.resize and Keras's image_dataset_from_directory).",
     )
-    cache: bool = Field(True, description="Keep decoded, resized images in memory after the first epoch.")
+    cache: bool = Field(
+        True,
+        description="Keep decoded, resized images for stages that train through the backbone: in memory, or in the "
+        "disk cache where `memory_budget` leaves too little (see `memory_budget`); `false`: decode them every epoch.",
+    )
+    memory_budget: str = Field(
+        "auto",
+        description="What the run may take in memory, caches included: a size with its unit (`2GB`, `512MB`) or "
+        "`auto` (half of the memory available at the start). Each cache (decoded images, a stage's features) is "
+        "kept in memory while it fits what the budget leaves, else on disk in the tltoolkit cache folder (reused by "
+        "later runs, `tltoolkit cache clear` removes it), else not at all; the run's log and params say which and why.",
+    )
     feature_cache: bool = Field(
         True,
         description="A stage that trains only above a frozen prefix, with no augmentation but flips, trains on the "
@@ -106,6 +117,14 @@ class DataConfig(_Section):
     )
 
     augment: AugmentConfig = Field(AugmentConfig(), description="Random changes to training images (never to scoring).")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> str:
+        from tltoolkit.data.budget import parse_size
+
+        parse_size(value)  # Raises with the accepted forms.
+        return value.strip()
 
     @field_validator("feature_cache_copies")
     @classmethod

@@ -66,6 +66,7 @@ class Pretraining:
     val: list[Item]
     skipped: list  # SkippedFile: unusable files in the unlabelled folder.
     unlabeled_dir: str | None
+    images: object = None  # `ImageRows` of `train` (a cache, as the session's plan says); decoded each time if None.
 
 
 def prepare_pretraining(
@@ -148,7 +149,8 @@ def fit_autoencoder(
     returns one row per epoch (`loss`, `val_loss`, `learning_rate`). `run` says how (resume, checkpoints, callbacks;
     its `stage` is unused: the epochs are `config.epochs`)."""
     autoencoder, data = pretraining.autoencoder, autoencoder_data(config, data)
-    batches = TrainingBatches(pretraining.train, 1, data, seed)
+    # The planned image cache serves it: `autoencoder_data` changes only the batch size and augmentation.
+    batches = TrainingBatches(pretraining.train, 1, data, seed, pretraining.images)
     first, last = run.epochs(config.epochs)
     model = autoencoder.trainer
     model.compile(

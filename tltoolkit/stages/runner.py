@@ -93,19 +93,28 @@ def fit_stage(training: Training, run: StageRun) -> ClassifierOutcome:
         epochs = (run.stream, *run.epochs())
         cached = features.inputs(training.model, backbone, frozen, epochs, run.verbose != 0, taps) if features else None
         fit = _cached(training, run, cached) if cached else _plain(training, run)
-        fit.note = _input_path(features, frozen, cached)
+        fit.note = _input_path(training, frozen, cached)
         if supervision is not None:
             fit = _supervised(training, run, fit)
     return _fit(training, run, summary, fit)
 
 
-def _input_path(features, frozen: int, cached) -> str:
+def _input_path(training: Training, frozen: int, cached) -> str:
     """What the stage trains on and why, for its log line and the stage run's `input_path` param."""
+    features = training.features
     if cached is not None:
-        extra = f" ({features.describe_variants()} of each training image, one drawn per epoch)"
-        return f"on cached features below `{cached.cut}`{extra if features.variants > 1 else ''}"
+        versions = (
+            f"{features.describe_variants()} of each training image, one drawn per epoch; "
+            if features.variants > 1
+            else ""
+        )
+        pooled = "pooled, " if cached.pooled else ""
+        return f"on cached features below `{cached.cut}` ({versions}{pooled}in {cached.where})"
     reason = features.usable(frozen) if features is not None else "data.feature_cache is off"
-    return f"through the backbone ({reason or 'its features exceed TLTOOLKIT_FEATURE_CACHE_MAX_GB'})"
+    reason = reason or (features.refusal if features is not None else None) or "not cached"
+    images = training.train.images
+    source = f"images from the {images.where} cache" if images.store is not None else "images decoded each epoch"
+    return f"through the backbone ({reason}; {source})"
 
 
 def _plain(training: Training, run: StageRun) -> _Fit:

@@ -202,7 +202,9 @@ class TrainingSession:
                 self.pretraining = prepare_pretraining(
                     self.recipe, self.backbone, folder.parts["train"], unlabeled, self.seed, self.options.progress
                 )
-            self.training = prepare_training(self.recipe, folder, self.backbone, self.seed, self.pretraining)
+            self.training = prepare_training(
+                self.recipe, folder, self.backbone, self.seed, self.pretraining, self.options.progress
+            )
         return self
 
     def run(

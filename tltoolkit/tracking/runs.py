@@ -29,6 +29,7 @@ from tltoolkit.stages.checkpoint import Checkpoint, CheckpointStore
 from tltoolkit.stages.hooks import TrainingHooks
 from tltoolkit.stages.pretrain import autoencoder_data, reconstruction_errors, samples
 from tltoolkit.stages.session import CLASSIFIER, PRETRAIN, PlannedStage, SessionResult, StageOutcome, TrainingSession
+from tltoolkit.stages.training import cache_params
 from tltoolkit.tracking.models import MODEL_TAG, log_classifier, model_name_for
 from tltoolkit.tracking.outage import EpochSender, PatientClient, unreachable
 from tltoolkit.tracking.plots import error_histogram, reconstruction_figure
@@ -177,7 +178,9 @@ class RunTracker(TrainingHooks):
         """What a new run logs once: the flattened recipe, image counts, the resolved recipe and the data report."""
         folder, recipe = self.folder, self.recipe
         counts = {"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}}
-        self._log_params(self.parent_id, {**recipe.flat(), **counts})
+        caches = cache_params(self.session.training) if self.session.training is not None else {}
+        counts["data.skipped_files"] = len(folder.skipped)
+        self._log_params(self.parent_id, {**recipe.flat(), **counts, **caches})
         self.client.log_text(self.parent_id, self.saved_recipe, "recipe.yaml")
         log_data_report(self.client, self.parent_id, folder)
         if self.session.probe is not None:  # `auto` freeze points: the measurement that set them.
