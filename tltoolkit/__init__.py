@@ -15,6 +15,7 @@ from tltoolkit.backbones import (
     register_backbone,
     register_weight_source,
 )
+from tltoolkit.commands.audit import AuditResult, audit
 from tltoolkit.commands.export import ExportOptions, ExportResult, export
 from tltoolkit.commands.probe import ProbeOutcome, probe
 from tltoolkit.commands.register import register
@@ -27,6 +28,7 @@ from tltoolkit.recipe import Recipe, load_recipe
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditResult",
     "BackboneCfg",
     "Distributed",
     "ExportOptions",
@@ -37,6 +39,7 @@ __all__ = [
     "TltoolkitError",
     "TuneResult",
     "WeightSource",
+    "audit",
     "create_backbone",
     "get_backbone_cfg",
     "export",

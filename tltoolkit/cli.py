@@ -259,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--allowed-hosts", help="required to bind beyond loopback: Host names clients will use")
     server.add_argument("--workers", type=int, help="MLflow server worker processes (default: MLflow's)")
 
+    audit = command(
+        "audit", help="find likely wrong labels, near-duplicates (leaking across the split) and outliers in a folder"
+    )
+    audit.add_argument("data", help="image folder: class subfolders, or train/ + val/ [+ test/] subfolders")
+    audit.add_argument("--recipe", help="whose backbone, image size and split to use (default: MobileNetV2, offline)")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    audit.add_argument(
+        "-o", "--output", metavar="DIR", help="where the CSVs and galleries go (default: audit-<folder>)"
+    )
+    audit.add_argument(
+        "--duplicate-similarity", type=float, metavar="S", help="cosine similarity of near-duplicates (default: 0.95)"
+    )
+    audit.add_argument("--experiment")
+    audit.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    _add_tracking_flag(audit)
+
     scan = command("scan", help="check an image folder as training would: classes, split, every file, what is skipped")
     scan.add_argument("data", help="image folder: class subfolders, or train/ + val/ [+ test/] subfolders")
     scan.add_argument("--val-split", type=float, default=0.2, help="as the recipe's data.val_split (default: 0.2)")
@@ -424,6 +440,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return server(
             args.dir, args.backend_store_uri, args.artifacts, args.host, args.port, args.allowed_hosts, args.workers
+        )
+    elif args.command == "audit":
+        from tltoolkit.commands.audit import audit
+
+        audit(
+            args.data,
+            _find_recipe(args.recipe) if args.recipe else None,
+            args.output,
+            args.tracking_uri,
+            args.experiment,
+            args.overrides,
+            log=not args.no_log,
+            duplicate_similarity=args.duplicate_similarity,
         )
     elif args.command == "scan":
         from tltoolkit.commands.scan import scan

@@ -127,7 +127,8 @@ def _images(loaded, data, count: int) -> tuple[dict, list[str]]:
     """Held-out images by split (to verify) and training images (to calibrate int8), as the run split them."""
     import yaml
 
-    from tltoolkit.data import labelled_images, prepare_data
+    from tltoolkit.data import labelled_images
+    from tltoolkit.quality.grouping import recipe_folder
     from tltoolkit.recipe import load_recipe
 
     recipe = load_recipe(yaml.safe_load(loaded.recipe_yaml), check_search=False) if loaded.recipe_yaml else None
@@ -151,7 +152,7 @@ def _images(loaded, data, count: int) -> tuple[dict, list[str]]:
             folder_path,
         )
         return {"val": items}, [path for path, _ in items][:count]
-    folder = prepare_data(folder_path, recipe.data.val_split, recipe.seed, progress=False)
+    folder = recipe_folder(recipe, folder_path, progress=False)  # The run's split: exclusions, duplicate groups.
     if folder.class_names != loaded.class_names:
         raise ExportError(
             f"{folder_path} has classes {folder.class_names} but the model has {loaded.class_names}; pass --data with "

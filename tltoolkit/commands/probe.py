@@ -58,12 +58,12 @@ def probe(
     if not data_dir:
         raise RecipeError("No image folder: pass --data DIR (or set data.dir in the recipe).")
     require_folder(data_dir)
-    from tltoolkit.data import prepare_data
+    from tltoolkit.quality.grouping import recipe_folder
     from tltoolkit.stages.probe import probe_backbone
     from tltoolkit.stages.session import backbone_for
 
     backbone = backbone_for(recipe)
-    folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed, progress=verbose != 0)
+    folder = recipe_folder(recipe, data_dir, backbone, progress=verbose != 0)
     _logger.info(folder.summary())
     result = probe_backbone(backbone, folder.parts, recipe.data, verbose != 0)
     _logger.info(

@@ -107,10 +107,10 @@ def run(
 
 def _load_data(session, data_dir, point) -> None:
     """Scans and splits the folder (refusing a changed one when resuming), then builds the models on it."""
-    from tltoolkit.data import prepare_data
+    from tltoolkit.quality.grouping import recipe_folder
 
     recipe = session.recipe
-    folder = prepare_data(data_dir, recipe.data.val_split, recipe.seed, progress=session.options.progress)
+    folder = recipe_folder(recipe, data_dir, session.backbone, progress=session.options.progress)
     _logger.info(folder.summary())
     if point is not None and point.checkpoint.state.data not in (
         _data_digest(folder),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from tltoolkit.data.scan import (
 )
 from tltoolkit.data.split import Item, stratified_split
 from tltoolkit.errors import DataError
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class ImageFolder:
     parts: dict[str, list[Item]]
     skipped: list[SkippedFile]
     layout: str
+    val_split_here: bool = False  # `val` was split from `train` here (no val/ folder): it may be split again.
+    duplicates: dict | None = None  # With `data.split_by_duplicates`: near-duplicate counts, logged with the run.
 
     @property
     def num_classes(self) -> int:
@@ -72,15 +78,21 @@ class ImageFolder:
         return "\n".join(lines)
 
 
-def prepare_data(root: str | Path, val_split: float = 0.2, seed: int = 42, progress: bool = True) -> ImageFolder:
+def prepare_data(
+    root: str | Path, val_split: float = 0.2, seed: int = 42, progress: bool = True, exclude: str | Path | None = None
+) -> ImageFolder:
     """Scans `root`, checks every file once, and splits it.
 
     `root` is either a class-per-subfolder tree (split here, stratified and seeded) or holds `train/` and `val/`
     (and optionally `test/`) subtrees with the same class subfolders. With `train/` but no `val/`, `train/` is split.
 
+    Args:
+        exclude: A file naming images to leave out (`read_exclusions`), e.g. an edited `label_issues.csv` of
+            `tltoolkit audit`: they are reported as skipped, before the split.
+
     Raises:
         DataError: Missing folder, no images, a single class, a class without usable images, or val/test classes
-            that do not exist in train/.
+            that do not exist in train/; an `exclude` file that cannot be read.
     """
     root = Path(root).expanduser()
     if (root / "train").is_dir():
@@ -98,9 +110,68 @@ def prepare_data(root: str | Path, val_split: float = 0.2, seed: int = 42, progr
         raise DataError(
             f"Image folder {root} has a single class ({names[0]!r}); a classifier needs at least two class subfolders."
         )
-    if "val" not in parts:
+    if exclude is not None:
+        parts, left_out = _excluded(parts, Path(exclude))
+        skipped.extend(left_out)
+    split_here = "val" not in parts
+    if split_here:
         parts["train"], parts["val"] = stratified_split(parts["train"], val_split, seed, names)
-    return ImageFolder(root=root, class_names=names, parts=parts, skipped=skipped, layout=layout)
+    return ImageFolder(
+        root=root, class_names=names, parts=parts, skipped=skipped, layout=layout, val_split_here=split_here
+    )
+
+
+def read_exclusions(file: Path) -> set[str]:
+    """The paths a `data.exclude` file names, absolute: a CSV with a `path` column, or one path per line.
+
+    Raises:
+        DataError: The file is missing or unreadable, or a CSV without a `path` column.
+    """
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(
+            f"data.exclude: cannot read {file} ({exc.strerror or type(exc).__name__}); give a CSV with a `path` column "
+            "(e.g. tltoolkit audit's label_issues.csv) or a file of one path per line."
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and "," in lines[0]:
+        import io
+
+        table = pd.read_csv(io.StringIO(text), dtype=str)
+        if "path" not in table.columns:
+            raise DataError(
+                f"data.exclude: {file} is a CSV without a `path` column (its columns: {', '.join(table.columns)})."
+            )
+        lines = list(table["path"].dropna())
+    elif lines and lines[0] == "path":
+        lines = lines[1:]
+    return {os.path.realpath(line) for line in lines}
+
+
+def _excluded(parts: dict[str, list[Item]], file: Path) -> tuple[dict[str, list[Item]], list[SkippedFile]]:
+    excluded = read_exclusions(file)
+    reason = f"left out by data.exclude ({file})"
+    kept, skipped, matched = {}, [], set()
+    for part, items in parts.items():
+        kept[part] = []
+        for path, label in items:
+            real = os.path.realpath(path)
+            if real in excluded:
+                skipped.append(SkippedFile(path, reason))
+                matched.add(real)
+            else:
+                kept[part].append((path, label))
+    unknown = sorted(excluded - matched)
+    if unknown:
+        _logger.warning(
+            "data.exclude: %d path(s) of %s are not images of this folder (first: %s); they leave nothing out.",
+            len(unknown),
+            file,
+            unknown[0],
+        )
+    _logger.info("data.exclude: %d image(s) left out (%s).", len(skipped), file)
+    return kept, skipped
 
 
 def _scan_with_classes(

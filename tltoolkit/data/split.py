@@ -45,3 +45,30 @@ def stratified_split(
     labels = [label for _, label in items]
     train, val = train_test_split(items, test_size=n_val, stratify=labels, random_state=seed, shuffle=True)
     return sorted(train), sorted(val)
+
+
+def grouped_split(
+    items: list[Item], fraction: float, seed: int, class_names: list[str], groups
+) -> tuple[list[Item], list[Item]]:
+    """As `stratified_split`, with every group (near-duplicates) wholly on one side: scikit-learn's
+    `StratifiedGroupKFold` with about `1 / fraction` folds, one of them held out.
+
+    Raises:
+        DataError: A class would be missing from a part (groups too large for this fraction).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = [label for _, label in items]
+    folds = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_rows, val_rows = next(splitter.split(items, labels, groups))
+    train, val = [items[i] for i in train_rows], [items[i] for i in val_rows]
+    for part, chosen in (("train", train), ("val", val)):
+        missing = sorted(set(labels) - {label for _, label in chosen})
+        if missing:
+            raise DataError(
+                f"data.split_by_duplicates: keeping near-duplicates together leaves {part} without any image of "
+                f"{', '.join(class_names[m] for m in missing)}; lower data.duplicate_similarity's reach (raise it) "
+                "or add images."
+            )
+    return sorted(train), sorted(val)

@@ -116,6 +116,25 @@ class DataConfig(_Section):
         "copies, not a new image every epoch. 0 (default) keeps training through the backbone.",
     )
 
+    exclude: str | None = Field(
+        None,
+        description="A file of images to leave out: a CSV with a `path` column (such as `tltoolkit audit`'s "
+        "label_issues.csv, edited to the rows to drop) or one path per line. They are reported as skipped.",
+    )
+    split_by_duplicates: bool = Field(
+        False,
+        description="Keep near-duplicate images (the audit's embeddings, cosine similarity >= "
+        "`duplicate_similarity`) on one side of the train/val split, so none leaks into validation. With a given "
+        "val/ or test/ folder the leaking pairs are reported instead.",
+    )
+    duplicate_similarity: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="Cosine similarity of the backbone's embeddings from which two images are "
+        "near-duplicates (`split_by_duplicates`, `tltoolkit audit`).",
+    )
+
     augment: AugmentConfig = Field(AugmentConfig(), description="Random changes to training images (never to scoring).")
 
     @field_validator("memory_budget", mode="before")

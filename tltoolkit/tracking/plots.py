@@ -202,6 +202,35 @@ def top_losses_figure(interpretation, columns: int = 4):
     return figure
 
 
+def image_grid(images, captions: list[str], title: str, columns: int = 4, marked=None, side: int = 224):
+    """Images in a grid under `title`, each scaled to `side` px with its caption below (in red where `marked`): a
+    Pillow image, for galleries of what to look at. Composed with Pillow rather than drawn by matplotlib: a gallery
+    of 16 photos takes 20 ms instead of 0.8 s, and the audit writes three."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, heading = ImageFont.load_default(size=12), ImageFont.load_default(size=15)
+    columns = max(1, min(columns, max(1, len(images))))
+    rows = max(1, -(-len(images) // columns))
+    cell_w, caption_h, top = side + 12, 34, 34
+    canvas = Image.new("RGB", (columns * cell_w + 12, top + rows * (side + caption_h + 10)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((12, 9), title, fill="black", font=heading)
+    for index, (image, caption) in enumerate(zip(images, captions)):
+        row, column = divmod(index, columns)
+        x, y = 12 + column * cell_w, top + row * (side + caption_h + 10)
+        picture = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+        picture.thumbnail((side, side), Image.Resampling.BILINEAR)
+        if picture.width < side // 2:  # Small images (digits at 32 px) are enlarged to be seen.
+            picture = picture.resize((side, round(side * picture.height / picture.width)), Image.Resampling.NEAREST)
+        canvas.paste(picture, (x + (side - picture.width) // 2, y))
+        colour = "firebrick" if marked is not None and marked[index] else "black"
+        for line_number, line in enumerate(caption.splitlines()[:2]):
+            draw.text((x, y + side + 3 + 15 * line_number), line[:40], fill=colour, font=font)
+    if not images:
+        draw.text((12, top + 10), "(none)", fill="grey", font=font)
+    return canvas
+
+
 def gradcam_figure(image: np.ndarray, heatmap: np.ndarray, title: str):
     """The image, and the Grad-CAM heat map laid over it."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(5.2, 2.9))

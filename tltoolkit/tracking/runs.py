@@ -179,6 +179,7 @@ class RunTracker(TrainingHooks):
         folder, recipe = self.folder, self.recipe
         counts = {"data.classes": folder.num_classes, **{f"data.{p}_images": len(i) for p, i in folder.parts.items()}}
         caches = cache_params(self.session.training) if self.session.training is not None else {}
+        counts.update({f"data.{k}": v for k, v in (folder.duplicates or {}).items()})
         counts["data.skipped_files"] = len(folder.skipped)
         self._log_params(self.parent_id, {**recipe.flat(), **counts, **caches})
         self.client.log_text(self.parent_id, self.saved_recipe, "recipe.yaml")

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from tltoolkit.data import prepare_data
 from tltoolkit.errors import BackboneError, DataError, DivergedError, RecipeError, TrackingError
+from tltoolkit.quality.grouping import recipe_folder
 from tltoolkit.recipe import Recipe
 from tltoolkit.recipe.space import trial_recipe
 from tltoolkit.stages import SessionOptions, TrainingHooks, TrainingSession, backbone_for
@@ -181,9 +181,12 @@ class TrialRunner:
     backbones: dict[tuple, tuple[keras.Model, list[np.ndarray]]] = field(default_factory=dict)
 
     def folder(self, recipe: Recipe):
-        key = (recipe.data.val_split, recipe.seed)
+        data = recipe.data
+        key = (data.val_split, recipe.seed, data.exclude, data.split_by_duplicates, data.duplicate_similarity)
+        if data.split_by_duplicates:  # Grouped on the trial's backbone (its pretrained weights).
+            key += (recipe.backbone.name, recipe.backbone.weights, data.image_size)
         if key not in self.folders:
-            self.folders[key] = prepare_data(self.data_dir, recipe.data.val_split, recipe.seed, self.verbose != 0)
+            self.folders[key] = recipe_folder(recipe, self.data_dir, progress=self.verbose != 0)
             _logger.info(self.folders[key].summary())
         return self.folders[key]
 
