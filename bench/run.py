@@ -1061,6 +1061,15 @@ def _gpu_rates(steps: int) -> tuple[list[dict], dict]:
     return rows, figures
 
 
+# Benchmarks in modules of their own: folders at scale, and the data audit.
+from audit import audit_bench  # noqa: E402
+from scale import data_scale, scan_scale  # noqa: E402
+
+benchmark(data_scale)
+benchmark(scan_scale)
+BENCHMARKS["audit"] = audit_bench
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))

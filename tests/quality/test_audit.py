@@ -120,3 +120,24 @@ def test_run_leaves_out_what_the_audit_found_and_keeps_duplicates_on_one_side(di
         group = [p for p in sides if p.endswith(stem)]
         assert len(group) == 3 and len({sides[p] for p in group}) == 1, "copies on one side"
     assert sum(len(items) for items in prepare_data(flat, 0.25, 42, progress=False).parts.values()) == len(sides)
+
+
+def test_a_re_encoded_copy_just_below_the_threshold_is_a_duplicate_where_its_pixels_agree(tmp_path):
+    from tltoolkit.quality.neighbours import Neighbours, near_duplicates
+
+    rng = np.random.default_rng(0)
+    coarse = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]  # Shapes, not pixel noise.
+    pictures = [Image.fromarray(c).resize((64, 64), Image.Resampling.BICUBIC) for c in coarse]
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)] + [str(tmp_path / "copy.jpg")]
+    for picture, path in zip(pictures, paths):
+        picture.save(path)
+    pictures[0].resize((51, 51)).save(paths[3], quality=70)
+    # 0-3 a resized JPEG copy, 0-1 strangers: both a little below the threshold; 1-2 strangers above it.
+    neighbours = Neighbours(
+        indices=np.array([[3, 1], [2, 0], [1, 0], [0, 1]]),
+        similarities=np.array([[0.93, 0.93], [0.97, 0.93], [0.97, 0.5], [0.93, 0.2]], np.float32),
+        exact=True,
+    )
+    pairs = near_duplicates(neighbours, paths, threshold=0.95)
+    assert [(a, b) for a, b, _ in pairs] == [(1, 2), (0, 3)]
+    assert near_duplicates(neighbours, paths[:3] + [str(tmp_path / "gone.jpg")], 0.95) == [(1, 2, pytest.approx(0.97))]

@@ -78,6 +78,7 @@ def audit(
     Raises:
         DataError: The folder has one class, or a class with a single image.
     """
+    import tltoolkit.quality  # noqa: F401  (TensorFlow and scikit-learn load before the clock starts)
     from tltoolkit.data import prepare_data
     from tltoolkit.data.scan import require_folder
 
@@ -86,7 +87,7 @@ def audit(
     require_folder(data)
     started = time.perf_counter()
     folder = prepare_data(data, recipe.data.val_split, recipe.seed, exclude=recipe.data.exclude)
-    found = _analyse(recipe, folder, threshold)
+    found = _analyse(recipe, folder, threshold, {"scan_s": time.perf_counter() - started})
     output = Path(output) if output else Path(f"audit-{Path(data).resolve().name}")
     result = _report(found, folder, recipe, output, threshold, started)
     if log:
@@ -105,11 +106,12 @@ class _Found:
     pairs: list
     outlier_scores: np.ndarray
     outliers: np.ndarray
+    seconds: dict  # Each step's wall time: scan_s, backbone_s, extraction_s, labels_s, neighbours_s.
 
 
-def _analyse(recipe: Recipe, folder, threshold: float) -> _Found:
-    from tltoolkit.quality import embed, label_issues, nearest, out_of_sample_probabilities
-    from tltoolkit.quality.neighbours import duplicate_pairs, outlier_scores, outliers
+def _analyse(recipe: Recipe, folder, threshold: float, seconds: dict) -> _Found:
+    from tltoolkit.quality import embed, label_issues, near_duplicates, nearest, out_of_sample_probabilities
+    from tltoolkit.quality.neighbours import outlier_scores, outliers
     from tltoolkit.stages.session import backbone_for
 
     items = [item for part in folder.parts.values() for item in part]
@@ -118,14 +120,21 @@ def _analyse(recipe: Recipe, folder, threshold: float) -> _Found:
     import keras
 
     keras.utils.set_random_seed(recipe.seed)  # A backbone without pretrained weights is the same every time.
+    clock = time.perf_counter()
     backbone = backbone_for(recipe)
+    seconds["backbone_s"] = time.perf_counter() - clock
     embeddings = embed(backbone, items, recipe.data, recipe.backbone.weights)
+    seconds["extraction_s"] = embeddings.extraction_s
+    clock = time.perf_counter()
     probabilities = out_of_sample_probabilities(embeddings.depths, labels, folder.class_names, recipe.seed)
     issues = label_issues(probabilities, labels)
+    seconds["labels_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     neighbours = nearest(embeddings.vectors, seed=recipe.seed)
-    pairs = duplicate_pairs(neighbours, threshold)
+    pairs = near_duplicates(neighbours, [path for path, _ in items], threshold)
     scores = outlier_scores(neighbours)
-    return _Found(items, splits, embeddings, issues, neighbours, pairs, scores, outliers(scores))
+    seconds["neighbours_s"] = time.perf_counter() - clock
+    return _Found(items, splits, embeddings, issues, neighbours, pairs, scores, outliers(scores), seconds)
 
 
 def _report(found: _Found, folder, recipe: Recipe, output: Path, threshold: float, started: float) -> AuditResult:
@@ -171,11 +180,14 @@ def _report(found: _Found, folder, recipe: Recipe, output: Path, threshold: floa
         "label_noise_rate": round(found.labels.noise_rate, 4),
         "duplicate_pairs": len(duplicates),
         "leaking_pairs": int((duplicates.split_a != duplicates.split_b).sum()),
+        "pixel_confirmed_pairs": int((duplicates.similarity < threshold).sum()),
         "outliers": len(outliers),
-        "extraction_s": round(found.embeddings.extraction_s, 2),
     }
     result = AuditResult(images, issues, duplicates, outliers, summary, output, class_names=list(folder.class_names))
+    clock = time.perf_counter()
     _write(result, recipe)
+    found.seconds["report_s"] = time.perf_counter() - clock
+    summary.update({key: round(value, 2) for key, value in found.seconds.items()})
     summary["audit_s"] = round(time.perf_counter() - started, 2)  # Scan to galleries: all but the MLflow run.
     result.text = _summary_text(result, folder, recipe, found, threshold)
     _logger.info("%s", result.text)
@@ -192,11 +204,13 @@ def _summary_text(result: AuditResult, folder, recipe: Recipe, found: _Found, th
             f"{recipe.backbone.name} ({recipe.backbone.weights}) at {recipe.data.image_size} px.",
             f"  Label issues: {s['label_issues']} image(s) flagged by confident learning; estimated label noise "
             f"{100 * s['label_noise_rate']:.1f}% ({out / 'label_issues.csv'}, label_issues.jpg).",
-            f"  Near-duplicates: {s['duplicate_pairs']} pair(s) at cosine similarity >= {threshold:g} ({search}), "
+            f"  Near-duplicates: {s['duplicate_pairs']} pair(s) at cosine similarity >= {threshold:g} ({search}; "
+            f"{s['pixel_confirmed_pairs']} just below it with matching pixels), "
             f"{s['leaking_pairs']} across the split: leakage ({out / 'duplicates.csv'}, duplicates.jpg).",
             f"  Outliers: {s['outliers']} image(s) far from all others ({out / 'outliers.csv'}, outliers.jpg).",
-            f"  Embeddings: {s['extraction_s']:.1f} s to extract ({found.embeddings.where}); the audit took "
-            f"{s['audit_s']:.1f} s in all.",
+            f"  Time: {s['audit_s']:.1f} s in all: scan {s['scan_s']:.1f}, backbone {s['backbone_s']:.1f}, "
+            f"embeddings {s['extraction_s']:.1f} ({found.embeddings.where}), label issues {s['labels_s']:.1f}, "
+            f"neighbours {s['neighbours_s']:.1f}, files and galleries {s['report_s']:.1f}.",
             f"Leave images out of training with --set data.exclude={out / 'label_issues.csv'} (edit it first: keep "
             "the rows to leave out); keep near-duplicates on one side of the split with "
             "--set data.split_by_duplicates=true.",

@@ -65,13 +65,7 @@ def mirror(image: tf.Tensor, variant, flip: str) -> tf.Tensor:
     """`image` (height, width, channels) as mirror variant `variant` of `flip`: 0 is the image itself; with
     `horizontal` 1 mirrors left-right, with `vertical` 1 mirrors up-down; with both, bit 0 is left-right, bit 1
     up-down (as Keras's `RandomFlip` modes)."""
-    if flip in ("horizontal", "horizontal_and_vertical"):
-        image = tf.where(tf.equal(variant % 2, 1), tf.reverse(image, [1]), image)
-    if flip == "vertical":
-        image = tf.where(tf.equal(variant, 1), tf.reverse(image, [0]), image)
-    if flip == "horizontal_and_vertical":
-        image = tf.where(variant >= 2, tf.reverse(image, [0]), image)
-    return image
+    return mirror_batch(image[tf.newaxis], tf.reshape(variant, [1]), flip)[0]
 
 
 def mirrors(image: tf.Tensor, flip: str) -> tf.Tensor:

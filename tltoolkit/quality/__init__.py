@@ -4,7 +4,15 @@
 
 from tltoolkit.quality.embeddings import Embeddings, embed, normalise
 from tltoolkit.quality.labels import LabelIssues, label_issues, out_of_sample_probabilities
-from tltoolkit.quality.neighbours import Neighbours, duplicate_pairs, groups, nearest, outlier_scores, outliers
+from tltoolkit.quality.neighbours import (
+    Neighbours,
+    duplicate_pairs,
+    groups,
+    near_duplicates,
+    nearest,
+    outlier_scores,
+    outliers,
+)
 
 __all__ = [
     "Embeddings",
@@ -14,6 +22,7 @@ __all__ = [
     "embed",
     "groups",
     "label_issues",
+    "near_duplicates",
     "nearest",
     "normalise",
     "out_of_sample_probabilities",

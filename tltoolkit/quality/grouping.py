@@ -10,7 +10,7 @@ import numpy as np
 
 from tltoolkit.data.split import grouped_split
 from tltoolkit.quality.embeddings import embed
-from tltoolkit.quality.neighbours import duplicate_pairs, groups, nearest
+from tltoolkit.quality.neighbours import groups, near_duplicates, nearest
 
 _logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def split_by_duplicates(folder, recipe, backbone):
 
 def _pairs(backbone, items, recipe):
     embeddings = embed(backbone, items, recipe.data, recipe.backbone.weights)
-    pairs = duplicate_pairs(nearest(embeddings.vectors, seed=recipe.seed), recipe.data.duplicate_similarity)
+    paths = [path for path, _ in items]
+    pairs = near_duplicates(nearest(embeddings.vectors, seed=recipe.seed), paths, recipe.data.duplicate_similarity)
     return pairs, groups(len(items), pairs)
 
 
