@@ -265,25 +265,16 @@ def _write(result: AuditResult, recipe: Recipe) -> None:
 
 
 def _log(result: AuditResult, recipe: Recipe, folder, tracking_uri: str | None, experiment: str | None) -> str:
-    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
 
-    from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
-    from tltoolkit.tracking.reports import log_skipped_files
-    from tltoolkit.tracking.store import connect, resolve_tracking_uri
+    from tltoolkit.tracking.reports import folder_run, log_skipped_files
 
-    uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
-    experiment_id = connect(uri, experiment or recipe.tracking.experiment)
-    client = MlflowClient(uri)
-    name = folder.root.resolve().name
-    tags = {
-        "tltoolkit.kind": "audit",
-        "tltoolkit.dataset": name,
-        "tltoolkit.data_dir": str(folder.root.resolve()),
-        PROCESS_TAG: process_tag(),
-        "mlflow.note.content": result.text,
-    }
-    run_id = client.create_run(experiment_id, run_name=f"audit-{name}", tags=tags).info.run_id
-    try:
+    name = f"audit-{folder.root.resolve().name}"
+    with folder_run(recipe, folder, tracking_uri, experiment, "audit", name, {"mlflow.note.content": result.text}) as (
+        _,
+        client,
+        run_id,
+    ):
         params = {
             "backbone.name": recipe.backbone.name,
             "backbone.weights": recipe.backbone.weights,
@@ -293,8 +284,6 @@ def _log(result: AuditResult, recipe: Recipe, folder, tracking_uri: str | None, 
             "data.duplicate_similarity": recipe.data.duplicate_similarity,
             "data.exclude": recipe.data.exclude,
         }
-        from mlflow.entities import Metric, Param
-
         now = int(time.time() * 1000)
         client.log_batch(
             run_id,
@@ -303,8 +292,4 @@ def _log(result: AuditResult, recipe: Recipe, folder, tracking_uri: str | None, 
         )
         client.log_artifacts(run_id, str(result.output), "audit")
         log_skipped_files(client, run_id, folder.skipped)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id

@@ -82,33 +82,17 @@ def probe(
 
 
 def _log(recipe: Recipe, folder, result, tracking_uri: str | None, experiment: str | None) -> tuple[str, str]:
-    from mlflow import MlflowClient
+    from tltoolkit.tracking.reports import folder_run, log_data_report, log_probe
 
-    from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
-    from tltoolkit.tracking.reports import log_data_report, log_probe
-    from tltoolkit.tracking.store import connect, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
-    experiment_id = connect(uri, experiment or recipe.tracking.experiment)
-    client = MlflowClient(uri)
     dataset = folder.root.resolve().name
     tags = {
-        "tltoolkit.kind": "probe",
         "tltoolkit.recipe": recipe.name or "recipe",
         "tltoolkit.backbone": recipe.backbone.name,
         "tltoolkit.weights": recipe.backbone.weights,
-        "tltoolkit.dataset": dataset,
-        "tltoolkit.data_dir": str(folder.root.resolve()),
-        PROCESS_TAG: process_tag(),
     }
     name = f"probe-{recipe.backbone.name}-{dataset}"
-    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-    try:
+    with folder_run(recipe, folder, tracking_uri, experiment, "probe", name, tags) as (uri, client, run_id):
         log_data_report(client, run_id, folder)
         log_probe(client, run_id, result, f"{recipe.backbone.name} on {dataset}")
         client.set_tag(run_id, "mlflow.note.content", f"{result.suggestion}: {result.evidence}")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return uri, run_id

@@ -12,12 +12,14 @@ dimensions (2,288 for MobileNetV2) than most folders have images. With the plant
 confident learning's flags were 0.89 precise instead of 0.79 on the digits and 0.51 instead of 0.41 on ants vs bees
 (recall 0.97 and 0.96 instead of 0.99 and 1.0; the top 10% as good or better). The folds run with one BLAS thread:
 after an extraction TensorFlow's threads still hold the cores, and BLAS's own threads, competing with them, made
-the cross-validation 2-6x slower on 2 cores.
+the cross-validation 2-6x slower on 2 cores. Instead the folds run side by side in threads (one per core; NumPy
+releases the GIL): 1.3x faster on the digits' 1,277 images on 2 cores (2.0 s -> 1.55 s), the same probabilities.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,7 @@ def out_of_sample_probabilities(vectors: np.ndarray, labels: np.ndarray, class_n
     Raises:
         DataError: Fewer than two classes, or a class with a single image (nothing to cross-validate against).
     """
+    from joblib import parallel_backend
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -63,8 +66,9 @@ def out_of_sample_probabilities(vectors: np.ndarray, labels: np.ndarray, class_n
     folds = int(min(FOLDS, counts[counts > 0].min()))
     model = make_pipeline(StandardScaler(), LogisticRegression(C=REGULARISATION, max_iter=300))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    with threadpool_limits(limits=1, user_api="blas"):
-        probabilities = cross_val_predict(model, vectors, labels, cv=cv, method="predict_proba")
+    jobs = min(folds, os.cpu_count() or 1)
+    with threadpool_limits(limits=1, user_api="blas"), parallel_backend("threading", n_jobs=jobs):
+        probabilities = cross_val_predict(model, vectors, labels, cv=cv, method="predict_proba", n_jobs=jobs)
     full = np.zeros((len(labels), len(class_names)), np.float32)
     full[:, np.flatnonzero(counts > 0)] = probabilities  # Classes without images keep probability 0.
     return full

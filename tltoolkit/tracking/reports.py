@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,6 +22,36 @@ from tltoolkit.tracking.plots import (
     reliability_figure,
     top_losses_figure,
 )
+
+
+@contextmanager
+def folder_run(
+    recipe, folder: ImageFolder, tracking_uri: str | None, experiment: str | None, kind: str, run_name: str, tags: dict
+) -> Iterator[tuple[str, MlflowClient, str]]:
+    """A one-off MLflow run of a command on a folder (`probe`, `audit`), in the recipe's store and experiment unless
+    given, tagged `tltoolkit.kind`, the dataset, the folder and this process (plus `tags`); yields `(uri, client,
+    run_id)`, and marks the run FINISHED when the block ends or FAILED when it raises."""
+    from tltoolkit.tracking.processes import PROCESS_TAG, process_tag
+    from tltoolkit.tracking.store import connect, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
+    experiment_id = connect(uri, experiment or recipe.tracking.experiment)
+    client = MlflowClient(uri)
+    root = folder.root.resolve()
+    tags = {
+        "tltoolkit.kind": kind,
+        "tltoolkit.dataset": root.name,
+        "tltoolkit.data_dir": str(root),
+        PROCESS_TAG: process_tag(),
+        **tags,
+    }
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    try:
+        yield uri, client, run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
 
 
 def log_data_report(client: MlflowClient, run_id: str, folder: ImageFolder) -> None:
