@@ -78,6 +78,7 @@ def _timed_steps(model, training, stream: int, steps: int) -> float:
         steps_per_epoch=steps,
         epochs=1,
         verbose=0,
+        shuffle=False,  # The stream's order (Keras would only warn that it ignores shuffling a dataset).
         callbacks=[times.callback],
     )
     return times.seconds_per_1000(training.recipe.data.batch_size)

@@ -57,8 +57,8 @@ def test_a_budget_below_the_images_trains_from_disk_to_the_same_weights_and_late
         assert params[f"cache.{name}"].startswith("disk ("), (name, params[f"cache.{name}"])
         assert MlflowClient().get_run(memory.run_id).data.params[f"cache.{name}"].startswith("memory (")
     assert params["data.memory_budget"] == "1MB" and params["data.memory_budget_mb"] == "1"
-    assert stage_params(disk, "head").params["input_path"].endswith("pooled, in disk)")
-    assert stage_params(disk, "top").params["input_path"].endswith("one drawn per epoch; in disk)")
+    assert stage_params(disk, "head").params["input_path"].endswith("pooled, on disk)")
+    assert stage_params(disk, "top").params["input_path"].endswith("one drawn per epoch; on disk)")
     assert stage_params(disk, "all").params["input_path"].endswith("images from the disk cache)")
     assert_same_weights(memory.model, disk.model)  # Bit for bit: the disk gives back exactly what was stored.
     assert disk.metrics["val_loss"] == memory.metrics["val_loss"]

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from tltoolkit.data.arrays import DISK
 from tltoolkit.data.pipeline import readable_images
 from tltoolkit.model.freeze import TrainableSummary, set_trainable, unfrozen_prefix
 from tltoolkit.model.inference import predict_batches
@@ -109,7 +110,8 @@ def _input_path(training: Training, frozen: int, cached) -> str:
             else ""
         )
         pooled = "pooled, " if cached.pooled else ""
-        return f"on cached features below `{cached.cut}` ({versions}{pooled}in {cached.where})"
+        where = "on disk" if cached.where == DISK else f"in {cached.where}"
+        return f"on cached features below `{cached.cut}` ({versions}{pooled}{where})"
     reason = features.usable(frozen) if features is not None else "data.feature_cache is off"
     reason = reason or (features.refusal if features is not None else None) or "not cached"
     images = training.train.images
