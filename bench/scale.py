@@ -21,6 +21,7 @@ BACKBONES = {"convnet_small": "none", "mobilenet_v2": "torchvision"}
 IMAGE_SIZE, BATCH = 64, 64
 BUDGET = "2GB"
 TIMED_STEPS = 150  # Training steps timed through the backbone (head and fine-tune), at every size.
+REPEATS = 3  # Each timed the median of this many fits of TIMED_STEPS.
 PHASES = ("scan", "prepare", "extraction", "head_epoch", "head_through_backbone", "finetune", "predict")
 
 
@@ -68,20 +69,24 @@ class _BatchTimes:
         return (timed[-1] - timed[0]) / ((len(timed) - 1) * batch_size) * 1000
 
 
-def _timed_steps(model, training, stream: int, steps: int) -> float:
+def _timed_steps(model, training, stream: int, steps: int, repeats: int = REPEATS) -> float:
     """Seconds per 1,000 images of `steps` training steps of `model` (compiled) through the image pipeline, over as
-    many epochs as that takes (the same count at every size: a short epoch's last batch is smaller)."""
-    times = _BatchTimes()
+    many epochs as that takes (the same count at every size: a short epoch's last batch is smaller); the median of
+    `repeats` fits, as this host's speed drifts by up to 2x over a minute."""
     epochs = -(-steps // training.train.steps_per_epoch)
-    model.fit(
-        training.train.epochs(stream, 0, epochs).take(steps),
-        steps_per_epoch=steps,
-        epochs=1,
-        verbose=0,
-        shuffle=False,  # The stream's order (Keras would only warn that it ignores shuffling a dataset).
-        callbacks=[times.callback],
-    )
-    return times.seconds_per_1000(training.recipe.data.batch_size)
+    measured = []
+    for _ in range(repeats):
+        times = _BatchTimes()
+        model.fit(
+            training.train.epochs(stream, 0, epochs).take(steps),
+            steps_per_epoch=steps,
+            epochs=1,
+            verbose=0,
+            shuffle=False,  # The stream's order (Keras would only warn that it ignores shuffling a dataset).
+            callbacks=[times.callback],
+        )
+        measured.append(times.seconds_per_1000(training.recipe.data.batch_size))
+    return float(np.median(measured))
 
 
 def child(folder: Path, backbone: str, out: Path) -> None:
@@ -146,6 +151,7 @@ def child(folder: Path, backbone: str, out: Path) -> None:
         "memory_budget_mb": round(training.budget.total / 1e6),
         "head_input": head.input_path,
         "timed_steps": steps,
+        "timed_repeats": REPEATS,
     }
     out.write_text(json.dumps(figures))
 
@@ -154,7 +160,7 @@ def data_scale(args) -> tuple[list[dict], dict]:
     """Folders of 2,000, 20,000 and 100,000 synthetic JPEGs (`synthetic_folder`), a fast ConvNet and MobileNetV2 at
     64 px, the memory budget at 2 GB: per size, seconds per 1,000 images of each phase (scan; preparing the image
     caches; extraction; the head's epoch on the feature cache; the head and fine-tune steps through the backbone,
-    `TIMED_STEPS` of them; predict over the whole folder), peak RSS, disk cache size.
+    `TIMED_STEPS` of them, the median of `REPEATS` fits; predict over the whole folder), peak RSS, disk cache size.
 
     Goals: peak RSS at 100,000 at most 1.5x that at 2,000; seconds per 1,000 images at 100,000 within 1.3x of 2,000
     in every phase; the head epoch on the disk feature cache at least 5x faster than through the backbone.
