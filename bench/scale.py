@@ -21,7 +21,7 @@ BACKBONES = {"convnet_small": "none", "mobilenet_v2": "torchvision"}
 IMAGE_SIZE, BATCH = 64, 64
 BUDGET = "2GB"
 TIMED_STEPS = 150  # Training steps timed through the backbone (head and fine-tune), at every size.
-REPEATS = 3  # Each timed the median of this many fits of TIMED_STEPS.
+REPEATS = 3  # Those steps are timed as the median of this many fits of TIMED_STEPS.
 PHASES = ("scan", "prepare", "extraction", "head_epoch", "head_through_backbone", "finetune", "predict")
 
 
@@ -69,13 +69,13 @@ class _BatchTimes:
         return (timed[-1] - timed[0]) / ((len(timed) - 1) * batch_size) * 1000
 
 
-def _timed_steps(model, training, stream: int, steps: int, repeats: int = REPEATS) -> float:
+def _timed_steps(model, training, stream: int, steps: int) -> float:
     """Seconds per 1,000 images of `steps` training steps of `model` (compiled) through the image pipeline, over as
     many epochs as that takes (the same count at every size: a short epoch's last batch is smaller); the median of
-    `repeats` fits, as this host's speed drifts by up to 2x over a minute."""
+    `REPEATS` fits, as this host's speed drifts by up to 2x over a minute."""
     epochs = -(-steps // training.train.steps_per_epoch)
     measured = []
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         times = _BatchTimes()
         model.fit(
             training.train.epochs(stream, 0, epochs).take(steps),
